@@ -1,0 +1,176 @@
+"""Issue 3 benchmark on one GPU: NHA Pallas (Triton) kernels against our chunked XLA path and cuDNN attention.
+
+Runs a correctness check against the chunked path first, then times forward and forward+backward (bf16) at
+S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=dv=128, m=64, W=64.
+Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
+Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nha_jax.ops import nha_attention
+from nha_jax.ops.segments import runs_and_positions
+from pallas_kernels.triton import _core_pallas, _prepare, nha_attention_triton
+
+SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
+HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 128, 64, 64
+
+
+def make_inputs(key, batch, seq, heads=HEADS, kv_heads=HEADS, dk=HEAD_DIM, dv=HEAD_DIM, m=SLOTS,
+                dtype=jnp.bfloat16):
+    """Random q, k, v (dtype), log_alpha (float32, NHA's logsigmoid(f) / 8) and an output cotangent."""
+    kq, kk, kv, kf, kc = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (batch, seq, heads, dk), dtype)
+    k = jax.random.normal(kk, (batch, seq, kv_heads, dk), dtype)
+    v = jax.random.normal(kv, (batch, seq, kv_heads, dv), dtype)
+    log_alpha = jax.nn.log_sigmoid(jax.random.normal(kf, (batch, seq, kv_heads, m), jnp.float32) * 2) / 8
+    cotangent = jax.random.normal(kc, (batch, seq, heads, dv), dtype)
+    return q, k, v, log_alpha, cotangent
+
+
+def pallas_fn(window):
+    def run(q, k, v, log_alpha):
+        batch, seq = q.shape[:2]
+        seg = jnp.zeros((batch, seq), jnp.int32)
+        runs, pos = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+        return nha_attention_triton(q, k, v, log_alpha, runs, pos, window=window, scale=q.shape[-1] ** -0.5,
+                                    rope_theta=10000.0)
+    return run
+
+
+def chunked_fn(window):
+    return lambda q, k, v, log_alpha: nha_attention(q, k, v, log_alpha, window=window, impl="chunked")
+
+
+def cudnn_fn(local_window):
+    def run(q, k, v, log_alpha):
+        del log_alpha
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                            local_window_size=local_window)
+    return run
+
+
+def median_ms(fn, args, reps):
+    """Median wall time of fn(*args) in ms after two warm-up calls (each call synchronised)."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def nha_counts(batch, seq, window):
+    """(useful FLOPs, minimum HBM bytes) of the NHA forward: slot logits + slot read + window + state updates."""
+    per_token = HEADS * (2 * HEAD_DIM * SLOTS * 2 + 2 * window * HEAD_DIM * 2) + HEADS * 2 * HEAD_DIM * SLOTS * 2
+    flops = batch * seq * per_token
+    bytes_moved = batch * seq * HEADS * (HEAD_DIM * 2 * 4 + SLOTS * 4)  # q, k, v, out bf16 + log_alpha f32
+    return flops, bytes_moved
+
+
+def check(key):
+    """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA."""
+    rows = []
+    jax.config.update("jax_default_matmul_precision", "highest")  # the XLA reference in true float32
+    for dtype, seq, window in ((jnp.float32, 300, 64), (jnp.float32, 257, 200), (jnp.bfloat16, 1024, 64)):
+        q, k, v, la, ct = make_inputs(key, 2, seq, heads=8, kv_heads=4, dtype=dtype)
+        seg = jnp.concatenate([jnp.zeros((2, seq // 3), jnp.int32), jnp.ones((2, seq - seq // 3), jnp.int32)], 1)
+        runs, pos = runs_and_positions(seg, jnp.zeros((2,), bool), jnp.zeros((2,), jnp.int32))
+
+        def loss_pallas(q, k, v, la):
+            out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=HEAD_DIM ** -0.5,
+                                       rope_theta=10000.0)
+            return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
+
+        def loss_chunked(q, k, v, la):
+            out = nha_attention(q, k, v, la, window=window, segment_ids=seg, impl="chunked")
+            return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
+
+        grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+        (gp, op), (gc, oc) = grad(loss_pallas)(q, k, v, la), grad(loss_chunked)(q, k, v, la)
+        rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) /
+                                 jnp.linalg.norm(b.astype(jnp.float32)))
+        errs = [rel(op, oc)] + [rel(a, b) for a, b in zip(gp, gc)]
+        nans = [bool(jnp.isnan(x).any()) for x in (op, *gp)], [bool(jnp.isnan(x).any()) for x in (oc, *gc)]
+        if any(nans[0]) or any(nans[1]):
+            print(f"  NaN in (out, dq, dk, dv, dlog_alpha): pallas {nans[0]}, chunked {nans[1]}")
+        rows.append((jnp.dtype(dtype).name, seq, window, errs))
+    jax.config.update("jax_default_matmul_precision", None)
+    print("correctness vs chunked (rel L2): dtype T W | out dq dk dv dlog_alpha")
+    for name, seq, window, errs in rows:
+        print(f"  {name:8s} {seq:5d} {window:3d} | " + " ".join(f"{e:.2e}" for e in errs))
+
+
+def breakdown(key, shape, reps):
+    """Forward split into the XLA preparation and the two Pallas kernels (state + output), in ms."""
+    batch, seq = SHAPES[shape]
+    q, k, v, la, _ = make_inputs(key, batch, seq)
+    seg = jnp.zeros((batch, seq), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    prep = jax.jit(lambda q, k, v, la: _prepare(q, k, v, la, seg, pos, None, None, window=WINDOW,
+                                                rope_theta=10000.0, block_size=None)[0])
+    core_args = prep(q, k, v, la)
+    chunk = _prepare(q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=None)[1]
+    core = jax.jit(lambda *a: _core_pallas(*a, window=WINDOW, num_slots=SLOTS, scale=HEAD_DIM ** -0.5,
+                                           chunk=chunk, interpret=False))
+    print(f"{shape} breakdown: prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, "
+          f"kernels {median_ms(core, core_args, reps):.3f} ms", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="S1,S2,S3")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
+    args = parser.parse_args()
+    print(jax.devices()[0].device_kind, "jax", jax.__version__)
+    key = jax.random.PRNGKey(0)
+    if not args.skip_check:
+        check(key)
+    impls = {"pallas_triton": pallas_fn(WINDOW), "chunked_xla": chunked_fn(WINDOW),
+             "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
+    impls = {name: impls[name] for name in args.impls.split(",")}
+    for shape in args.shapes.split(","):
+        breakdown(key, shape, args.reps)
+    table = []
+    for shape in args.shapes.split(","):
+        batch, seq = SHAPES[shape]
+        q, k, v, la, ct = make_inputs(key, batch, seq)
+        flops, bytes_moved = nha_counts(batch, seq, WINDOW)
+        for name, fn in impls.items():
+            fwd = jax.jit(fn)
+
+            def loss(q, k, v, la, fn=fn):
+                return jnp.sum(fn(q, k, v, la).astype(jnp.float32) * ct.astype(jnp.float32))
+
+            fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+            cells = []
+            for f in (fwd, fwd_bwd):
+                try:
+                    cells.append(median_ms(f, (q, k, v, la), args.reps))
+                except Exception as err:  # a baseline that does not run at this shape is reported, not fatal
+                    print(f"{shape} {name}: {type(err).__name__}: {str(err)[:200]}")
+                    cells.append(float("nan"))
+            table.append((shape, name, *cells, flops, bytes_moved))
+            print(f"{shape} {name}: fwd {cells[0]:.3f} ms, fwd+bwd {cells[1]:.3f} ms", flush=True)
+    print(f"\n{'shape':5s} {'impl':16s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} {'fwd TB/s':>9s}")
+    for shape, name, fwd_ms, fb_ms, flops, bytes_moved in table:
+        batch, seq = SHAPES[shape]
+        nha = name == "pallas_triton"
+        tflops = flops / fwd_ms / 1e9 if nha else float("nan")
+        tbps = bytes_moved / fwd_ms / 1e9 if nha else float("nan")
+        print(f"{shape:5s} {name:16s} {fwd_ms:8.3f} {fb_ms:8.3f} {fb_ms * 1e3 / (batch * seq):10.4f} "
+              f"{tflops:9.1f} {tbps:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Building blocks of the NHA language model (Flax NNX): Linear, RMSNorm, SwiGLU MLP and the NHA attention layer.
+
+Parameters are float32 and annotated with logical axis names (see nha_jax.sharding); every layer casts them to its
+compute dtype at use. Activations keep the [B, T, ...] layout; attention tensors are [B, T, heads, head_dim] from
+the projections straight into nha_attention.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nha_jax import ops
+from nha_jax.ops.rope import apply_rope
+from nha_jax.sharding import constrain
+
+
+def logical_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float) -> nnx.Param:
+    """A float32 N(0, std) parameter carrying its logical axis names (sharded later, by the trainer, not eagerly)."""
+    value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ W without bias; W [d_in, d_out] float32, matmul in `dtype` with float32 accumulation."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, dtype, init_std: float, rngs: nnx.Rngs):
+        self.kernel = logical_param(rngs, (d_in, d_out), axes, init_std)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., d_in] -> [..., d_out] in self.dtype."""
+        out = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return out.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale over the last axis, computed in float32, returned in x.dtype."""
+
+    def __init__(self, width: int, *, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., width] -> same shape and dtype."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...]).astype(x.dtype)
+
+
+def mlp_hidden_size(d_model: int, multiple: int = 256) -> int:
+    """2/3 * 4 * d_model rounded up to a multiple of `multiple` (NHA_SPEC section 1)."""
+    hidden = int(2 * 4 * d_model / 3)
+    return -(-hidden // multiple) * multiple
+
+
+class SwiGLU(nnx.Module):
+    """down(SiLU(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int, *, dtype, init_std: float, rngs: nnx.Rngs):
+        self.gate = Linear(d_model, hidden, ("embed", "mlp"), dtype=dtype, init_std=init_std, rngs=rngs)
+        self.up = Linear(d_model, hidden, ("embed", "mlp"), dtype=dtype, init_std=init_std, rngs=rngs)
+        self.down = Linear(hidden, d_model, ("mlp", "embed"), dtype=dtype, init_std=init_std, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        return self.down(constrain(hidden, ("batch", "seq", "act_heads")))
+
+
+class NHAAttention(nnx.Module):
+    """Native Hybrid Attention layer (NHA_SPEC section 1): m gated slots + a sliding window of W tokens, one softmax.
+
+    num_slots = 0 gives sliding-window attention (or causal softmax attention when window >= sequence length);
+    window = 0 gives Gated Slot Attention. The gate and the state live per kv head (GQA).
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
+                 num_slots: int, window: int, gate_temperature: float, rope_theta: float, impl: str,
+                 chunk_size: int, dtype, init_std: float, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"model.num_heads={num_heads} must be a multiple of model.num_kv_heads={num_kv_heads}.")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.v_head_dim, self.num_slots = head_dim, v_head_dim, num_slots
+        self.window, self.gate_temperature, self.rope_theta = window, gate_temperature, rope_theta
+        self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
+
+        def proj(d_out):
+            return Linear(d_model, d_out, ("embed", "heads"), dtype=dtype, init_std=init_std, rngs=rngs)
+
+        self.q_proj = proj(num_heads * head_dim)
+        self.k_proj = proj(num_kv_heads * head_dim)
+        self.v_proj = proj(num_kv_heads * v_head_dim)
+        self.gate_proj = proj(num_kv_heads * num_slots) if num_slots else None
+        self.out_norm = RMSNorm(num_heads * v_head_dim)
+        self.o_proj = Linear(num_heads * v_head_dim, d_model, ("heads", "embed"), dtype=dtype, init_std=init_std,
+                             rngs=rngs)
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q [B,T,H,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv] (after SiLU), log_alpha [B,T,Hkv,m] float32."""
+        batch, seq = x.shape[:2]
+
+        def heads(y, count, width):
+            return constrain(y.reshape(batch, seq, count, width), ("batch", "seq", "act_heads", None))
+
+        q = heads(self.q_proj(x), self.num_heads, self.head_dim)
+        k = heads(self.k_proj(x), self.num_kv_heads, self.head_dim)
+        v = heads(jax.nn.silu(self.v_proj(x)), self.num_kv_heads, self.v_head_dim)
+        if self.gate_proj is None:
+            log_alpha = jnp.zeros((batch, seq, self.num_kv_heads, 0), jnp.float32)
+        else:
+            # The gate stays in float32: bf16 would round the per-token decay that compounds over thousands of steps.
+            gate = heads(self.gate_proj(x), self.num_kv_heads, self.num_slots).astype(jnp.float32)
+            log_alpha = jax.nn.log_sigmoid(gate) / self.gate_temperature
+        return q, k, v, log_alpha
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x [B, T, D], segment_ids [B, T] int (None = one document per row) -> [B, T, D]."""
+        batch, seq = x.shape[:2]
+        q, k, v, log_alpha = self.project(x)
+        out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=self.rope_theta,
+                                segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
+        out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return self.o_proj(self.out_norm(jax.nn.silu(out)))
+
+
+def long_term_share(q: jax.Array, k: jax.Array, log_alpha: jax.Array, *, window: int, rope_theta: float
+                    ) -> jax.Array:
+    """The attention mass on the slots, sum_{i<=m} p_t[i] (NHA_SPEC section 1), for one document.
+
+    A diagnostic probe, not a training path: dense in T, so keep T to a few hundred tokens.
+    q [T, H, dk], k [T, Hkv, dk], log_alpha [T, Hkv, m] -> share [T, H] float32 in [0, 1].
+    """
+    seq, num_heads, head_dim = q.shape
+    num_kv_heads, num_slots = log_alpha.shape[1:]
+    group = num_heads // num_kv_heads
+    scale = head_dim ** -0.5
+    q = q.astype(jnp.float32).reshape(seq, num_kv_heads, group, head_dim)
+    k = k.astype(jnp.float32)
+
+    def write_slots(slot_keys, t):
+        # Token t - W leaves the window at step t and enters the slots with its own gate.
+        leaving = jnp.maximum(t - window, 0)
+        gate = jnp.where(t >= window, log_alpha[leaving].astype(jnp.float32), 0.0)  # [Hkv, m]
+        slot_keys = jnp.exp(gate)[..., None] * slot_keys - jnp.expm1(gate)[..., None] * k[leaving][:, None, :]
+        return slot_keys, slot_keys
+
+    initial = jnp.zeros((num_kv_heads, num_slots, head_dim), jnp.float32)
+    _, slot_keys = jax.lax.scan(write_slots, initial, jnp.arange(seq))  # [T, Hkv, m, dk]
+    slot_logits = scale * jnp.einsum("thgd,thmd->thgm", q, slot_keys)
+
+    positions = jnp.arange(seq)
+    window_logits = scale * jnp.einsum("thgd,jhd->thgj", apply_rope(q, positions, rope_theta),
+                                       apply_rope(k, positions, rope_theta))
+    in_window = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - window)
+    window_logits = jnp.where(in_window[:, None, None, :], window_logits, -jnp.inf)
+
+    probs = jax.nn.softmax(jnp.concatenate([slot_logits, window_logits], axis=-1), axis=-1)
+    return jnp.sum(probs[..., :num_slots], axis=-1).reshape(seq, num_heads)

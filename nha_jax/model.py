@@ -1,0 +1,116 @@
+"""The NHA language model (Flax NNX): embeddings, pre-norm blocks with a per-layer window schedule, untied head.
+
+Baselines come from the same code by config (NHA_SPEC section 1):
+  Transformer++  num_slots = 0, every window full;      GSA       window = 0 everywhere;
+  sliding window num_slots = 0, small windows;          NHA       paper schedule (block_size / full_idx) or a list.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from nha_jax.layers import NHAAttention, RMSNorm, SwiGLU, logical_param, long_term_share, mlp_hidden_size
+from nha_jax.sharding import constrain
+
+COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+# Remat policies by config name; None means no rematerialisation (keep every activation).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_windows(model_cfg: ml_collections.ConfigDict, seq_len: int) -> list[int]:
+    """Per-layer window sizes.
+
+    Either the explicit list `model.windows`, or the paper schedule: layer l is full (window = seq_len) when
+    l % model.block_size == model.full_idx, otherwise model.window. block_size = 0 means no full layers.
+    """
+    num_layers = model_cfg.num_layers
+    if model_cfg.windows:
+        windows = [int(w) for w in model_cfg.windows]
+        if len(windows) != num_layers:
+            raise ValueError(f"model.windows has {len(windows)} entries but model.num_layers={num_layers}; "
+                             "give one window per layer, or set model.windows=() to use the block schedule.")
+    else:
+        block = model_cfg.block_size
+        windows = [seq_len if block and layer % block == model_cfg.full_idx else model_cfg.window
+                   for layer in range(num_layers)]
+    if any(w < 0 for w in windows):
+        raise ValueError(f"model.windows / model.window must be >= 0, got {windows}.")
+    return windows
+
+
+class Block(nnx.Module):
+    """h += NHA(RMSNorm(h)); h += SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, window: int, *, rngs: nnx.Rngs):
+        dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
+        width, std = model_cfg.d_model, model_cfg.init_std
+        self.attn_norm = RMSNorm(width)
+        self.attn = NHAAttention(
+            width, num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+            v_head_dim=model_cfg.v_head_dim, num_slots=model_cfg.num_slots, window=window,
+            gate_temperature=model_cfg.gate_temperature, rope_theta=model_cfg.rope_theta,
+            impl=model_cfg.attention_impl, chunk_size=model_cfg.chunk_size, dtype=dtype, init_std=std, rngs=rngs)
+        self.mlp_norm = RMSNorm(width)
+        hidden = model_cfg.mlp_hidden or mlp_hidden_size(width)
+        self.mlp = SwiGLU(width, hidden, dtype=dtype, init_std=std, rngs=rngs)
+
+    def __call__(self, h: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """h [B, T, D] -> [B, T, D]."""
+        h = h + self.attn(self.attn_norm(h), segment_ids)
+        h = constrain(h, ("batch", "seq", "act_embed"))
+        h = h + self.mlp(self.mlp_norm(h))
+        return constrain(h, ("batch", "seq", "act_embed"))
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM. __call__(tokens [B,T] int, segment_ids [B,T] int | None) -> logits [B,T,V] float32."""
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, *, seq_len: int, rngs: nnx.Rngs):
+        self.windows = tuple(layer_windows(model_cfg, seq_len))
+        self.dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
+        self.remat_policy = model_cfg.remat
+        width, vocab = model_cfg.d_model, model_cfg.vocab_size
+        self.embed = logical_param(rngs, (vocab, width), ("vocab", "embed"), model_cfg.init_std)
+        self.blocks = nnx.List([Block(model_cfg, window, rngs=rngs) for window in self.windows])
+        self.final_norm = RMSNorm(width)
+        self.head = logical_param(rngs, (width, vocab), ("embed", "vocab"), model_cfg.init_std)
+
+    def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """tokens [B, T] -> final-normed hidden states [B, T, D] in the compute dtype."""
+        h = constrain(self.embed[...].astype(self.dtype)[tokens], ("batch", "seq", "act_embed"))
+        run_block = Block.__call__
+        if self.remat_policy != "none":
+            run_block = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat_policy])
+        for block in self.blocks:
+            h = run_block(block, h, segment_ids)
+        return self.final_norm(h)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int, segment_ids [B, T] int (None = one document per row) -> logits [B, T, V] float32."""
+        h = self.hidden_states(tokens, segment_ids)
+        logits = jnp.dot(h, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "act_vocab"))
+
+    def long_term_shares(self, tokens: jax.Array) -> jax.Array:
+        """Mean slot share of attention mass per layer for one document: tokens [T] int -> [num_layers] float32.
+
+        Runs the blocks on the document and probes each layer's softmax with layers.long_term_share (dense in T:
+        meant for a few hundred tokens, outside the train step).
+        """
+        h = self.embed[...].astype(self.dtype)[tokens[None]]
+        shares = []
+        for block in self.blocks:
+            q, k, _, log_alpha = block.attn.project(block.attn_norm(h))
+            share = long_term_share(q[0], k[0], log_alpha[0], window=block.attn.window,
+                                    rope_theta=block.attn.rope_theta)
+            shares.append(jnp.mean(share))
+            h = block(h, None)
+        return jnp.stack(shares)

@@ -1,0 +1,135 @@
+"""nha_attention: the one entry point to Native Hybrid Attention, whatever implementation runs it."""
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from nha_jax.ops.chunked import nha_chunked
+from nha_jax.ops.decode import NO_SEGMENT, NHAState, init_state
+from nha_jax.ops.reference import nha_naive, nha_recurrent
+from nha_jax.ops.segments import runs_and_positions
+
+IMPLS = ("recurrent", "naive", "chunked", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "auto")
+
+
+def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0, segment_ids=None,
+                  initial_state=None, return_state=False, impl="auto", chunk_size=64):
+    """Native Hybrid Attention (NHA_SPEC section 1): m gated slots for the long past, a sliding window of the last
+    `window` tokens for the near past, one softmax over both.
+
+    Args:
+      q: [B, T, H, dk] queries. k: [B, T, Hkv, dk] keys. v: [B, T, Hkv, dv] values. H % Hkv == 0 (GQA: query head
+        h reads kv head h // (H // Hkv)).
+      log_alpha: [B, T, Hkv, m] log forget gates (<= 0); write strength 1 - exp(log_alpha). m = 0 means no slots.
+      window: int >= 0, tokens in the window counting the current one. 0 = Gated Slot Attention; >= T = causal
+        softmax attention plus m sink slots. window = 0 with m = 0 is an error.
+      scale: logit scale for both branches, default dk ** -0.5.
+      rope_theta: RoPE base for the window logits (the slot branch never rotates); None turns RoPE off.
+      segment_ids: int [B, T] or None. Packed documents: nothing crosses a change of id; slots, window and RoPE
+        positions restart at each document start.
+      initial_state: an NHAState (window W entries) to continue from. The first document of this call continues it
+        when its segment id equals initial_state.segment (always, when segment_ids is None).
+      return_state: also return the NHAState after the last token (the decode cache; its ring holds W entries).
+      impl: "recurrent" | "naive" | "chunked" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu" | "auto".
+      chunk_size: tokens per chunk of the chunked path.
+    Returns:
+      out [B, T, H, dv] in q.dtype, or (out, NHAState) with return_state.
+    """
+    B, T, H, dk, Hkv, dv, m = _check_args(q, k, v, log_alpha, window, scale, rope_theta, segment_ids, initial_state,
+                                          impl, chunk_size)
+    scale = dk ** -0.5 if scale is None else float(scale)
+    stateful = initial_state is not None or return_state
+    if impl == "auto":
+        impl = "chunked"
+    if impl == "naive":
+        if stateful:
+            raise ValueError("impl='naive' takes no initial_state/return_state; use impl='chunked' or 'recurrent'.")
+        return nha_naive(q, k, v, log_alpha, window=window, scale=scale, rope_theta=rope_theta,
+                         segment_ids=segment_ids)
+    if impl == "recurrent":
+        out, state = nha_recurrent(q, k, v, log_alpha, window=window, scale=scale, rope_theta=rope_theta,
+                                   segment_ids=segment_ids, initial_state=initial_state)
+        return (out, state) if return_state else out
+    if impl != "chunked":
+        raise ValueError(f"impl={impl!r} is not available in this build; use impl='chunked' or 'auto'.")
+
+    state = initial_state
+    if state is None:
+        # Without a state to hand back, a ring longer than the sequence would only hold empty entries.
+        state = init_state(B, Hkv, m, dk, dv, window if stateful else min(window, T), k.dtype)
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    continues = jnp.ones((B,), bool) if segment_ids is None else seg[:, 0] == state.segment
+    runs, positions = runs_and_positions(seg, continues, state.position)
+    carry = (state.slot_k, state.slot_v, state.ring_k, state.ring_v, state.ring_log_alpha,
+             jnp.where((state.ring_pos >= 0) & continues[:, None], 0, -1).astype(jnp.int32), state.ring_pos,
+             jnp.where(continues, 0, -1).astype(jnp.int32))
+    out, carry = nha_chunked(q, k, v, log_alpha, runs, positions, carry, window=window, scale=scale,
+                             rope_theta=rope_theta, chunk_size=chunk_size)
+    if not return_state:
+        return out
+    slot_k, slot_v, ring_k, ring_v, ring_la, ring_run, ring_pos, last_run = carry
+    final = NHAState(slot_k=slot_k, slot_v=slot_v, ring_k=ring_k, ring_v=ring_v, ring_log_alpha=ring_la,
+                     ring_pos=jnp.where(ring_run == last_run[:, None], ring_pos, -1),
+                     segment=state.segment if segment_ids is None else seg[:, -1],
+                     position=positions[:, -1] + 1)
+    return out, final
+
+
+def _check_args(q, k, v, log_alpha, window, scale, rope_theta, segment_ids, initial_state, impl, chunk_size):
+    """Validates nha_attention's arguments; returns (B, T, H, dk, Hkv, dv, m)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_alpha", log_alpha)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, heads, dim]; got shape {jnp.shape(x)}.")
+    B, T, H, dk = q.shape
+    Hkv, dv, m = k.shape[2], v.shape[3], log_alpha.shape[3]
+    if k.shape != (B, T, Hkv, dk):
+        raise ValueError(f"k must be [B, T, Hkv, dk] = [{B}, {T}, Hkv, {dk}] to match q {q.shape}; got {k.shape}.")
+    if v.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"v must be [B, T, Hkv, dv] with B, T, Hkv = {B}, {T}, {Hkv} as in k; got {v.shape}.")
+    if log_alpha.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"log_alpha must be [B, T, Hkv, m] with B, T, Hkv = {B}, {T}, {Hkv}; got {log_alpha.shape}.")
+    if H % Hkv:
+        raise ValueError(f"q heads H={H} must be a multiple of the kv heads Hkv={Hkv} (GQA).")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = pure slots, >= T = full attention); got {window!r}.")
+    if window == 0 and m == 0:
+        raise ValueError("window = 0 with m = 0 slots attends to nothing; give log_alpha m > 0 slots or a window > 0.")
+    if scale is not None and not float(scale) > 0:
+        raise ValueError(f"scale must be > 0 (or None for dk ** -0.5); got {scale!r}.")
+    if rope_theta is not None:
+        if not float(rope_theta) > 0:
+            raise ValueError(f"rope_theta must be > 0, or None to turn RoPE off; got {rope_theta!r}.")
+        if dk % 2:
+            raise ValueError(f"RoPE needs an even head dim; got dk={dk}. Pass rope_theta=None or use an even dk.")
+    if segment_ids is not None:
+        if jnp.shape(segment_ids) != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer array of shape [B, T] = [{B}, {T}]; got "
+                             f"{jnp.shape(segment_ids)} {getattr(segment_ids, 'dtype', type(segment_ids))}.")
+    if initial_state is not None:
+        if not isinstance(initial_state, NHAState):
+            raise ValueError(f"initial_state must be an NHAState; got {type(initial_state).__name__}.")
+        want = {"slot_k": (B, Hkv, m, dk), "slot_v": (B, Hkv, m, dv), "ring_k": (B, window, Hkv, dk),
+                "ring_v": (B, window, Hkv, dv), "ring_log_alpha": (B, window, Hkv, m), "ring_pos": (B, window),
+                "segment": (B,), "position": (B,)}
+        for field, shape in want.items():
+            got = getattr(initial_state, field).shape
+            if got != shape:
+                raise ValueError(f"initial_state.{field} has shape {got}; expected {shape} for these inputs and "
+                                 f"window={window}. Build it with init_state(...) or a return_state of the same layer.")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    return B, T, H, dk, Hkv, dv, m
+
+
+def prefill(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0, segment_ids=None, initial_state=None,
+            impl="auto", chunk_size=64):
+    """Runs a prompt through NHA and returns (out [B, T, H, dv], NHAState) ready for decode_step.
+
+    The same as nha_attention(..., return_state=True); the state's ring holds `window` entries, so for a
+    full-attention layer pass window = the longest context to be decoded.
+    """
+    return nha_attention(q, k, v, log_alpha, window=window, scale=scale, rope_theta=rope_theta,
+                         segment_ids=segment_ids, initial_state=initial_state, return_state=True, impl=impl,
+                         chunk_size=chunk_size)

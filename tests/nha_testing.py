@@ -1,0 +1,44 @@
+"""Shared helpers for tests of the NHA operator and its kernels: random inputs and error measures."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_inputs(seed, B, T, H, Hkv, dk, dv, m, dtype=jnp.float32, gate_scale=3.0):
+    """Random q, k, v, log_alpha with gates spread from ~0 (keep) to strongly negative (forget)."""
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(kq, (B, T, H, dk), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, T, Hkv, dk), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, T, Hkv, dv), jnp.float32).astype(dtype)
+    log_alpha = jax.nn.log_sigmoid(gate_scale * jax.random.normal(kg, (B, T, Hkv, m), jnp.float32) + 1.0) / 2.0
+    return q, k, v, log_alpha
+
+
+def random_segments(seed, B, T, n_docs=3):
+    """Packed-document ids [B, T]: row 0 has up to n_docs documents at random cut points, row 1 is one document."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, T), size=min(n_docs - 1, T - 1), replace=False)) if T > 1 else []
+    row0 = np.zeros(T, np.int32)
+    for c in cuts:
+        row0[c:] += 1
+    rows = [row0 + 1] + [np.full(T, 7, np.int32)] * (B - 1)
+    return jnp.asarray(np.stack(rows))
+
+
+def max_rel_err(x, ref):
+    """max |x - ref| / max |ref|, in float64."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def rel_l2(x, ref):
+    """||x - ref|| / ||ref||, in float64."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def jitted_nha():
+    """nha_attention under one jax.jit (eager calls would compile op by op)."""
+    from nha_jax.ops import nha_attention
+    return jax.jit(nha_attention, static_argnames=("window", "scale", "rope_theta", "return_state", "impl",
+                                                    "chunk_size"))

@@ -1,0 +1,87 @@
+"""The model: window schedules, baselines from the same code, document isolation, the long-term share probe."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from nha_jax import ops
+from nha_jax.layers import long_term_share
+from nha_jax.model import LanguageModel, layer_windows
+from nha_jax.training.step import token_losses
+
+SEQ = 48
+
+
+def tiny_model_config(**changes) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(dict(
+        vocab_size=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, v_head_dim=8,
+        mlp_hidden=64, num_slots=4, window=6, block_size=2, full_idx=1, windows=(), gate_temperature=8.0,
+        rope_theta=10000.0, init_std=0.02, attention_impl="auto", chunk_size=16, compute_dtype="float32",
+        remat="none"))
+    config.update(changes)
+    return config
+
+
+def test_window_schedule_paper_style_and_explicit():
+    paper = tiny_model_config(num_layers=6, window=32, block_size=3, full_idx=2)
+    assert layer_windows(paper, 2048) == [32, 32, 2048, 32, 32, 2048]
+    assert layer_windows(tiny_model_config(num_layers=3, block_size=0, window=0), 64) == [0, 0, 0]
+    assert layer_windows(tiny_model_config(windows=(5, 0)), 64) == [5, 0]
+    with pytest.raises(ValueError, match="model.windows has 3 entries"):
+        layer_windows(tiny_model_config(windows=(1, 2, 3)), 64)
+
+
+def three_document_batch(rng, vocab):
+    """One row of three packed documents (lengths 20, 13, 15) in the data interface's layout."""
+    lengths = (20, 13, 15)
+    segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None].astype(np.int32)
+    tokens = rng.integers(0, vocab, size=(1, SEQ + 1)).astype(np.int32)
+    same_document = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], np.zeros((1, 1), bool)], axis=1)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+            "loss_mask": same_document.astype(np.float32)}
+
+
+@pytest.mark.parametrize("model_changes", [
+    dict(),  # NHA: window 6 with slots, and a full layer
+    dict(num_slots=0, block_size=1, full_idx=0),  # Transformer++: every window full, no slots
+    dict(window=0, block_size=0),  # GSA: slots only
+], ids=["nha", "transformer", "gsa"])
+def test_no_loss_or_attention_crosses_a_document_boundary(model_changes):
+    config = tiny_model_config(**model_changes)
+    model = LanguageModel(config, seq_len=SEQ, rngs=nnx.Rngs(params=jax.random.PRNGKey(0)))
+    losses_of = nnx.jit(token_losses)
+    batch = three_document_batch(np.random.default_rng(0), config.vocab_size)
+    changed = {name: value.copy() for name, value in batch.items()}
+    middle = batch["segment_ids"][0] == 2
+    changed["inputs"][0, middle] = (changed["inputs"][0, middle] + 7) % config.vocab_size
+
+    before, after = np.asarray(losses_of(model, batch)), np.asarray(losses_of(model, changed))
+    assert np.all(np.isfinite(before))
+    # The loss mask stops each document's last token from predicting the next document's first.
+    np.testing.assert_array_equal(before[0, [19, 32, 47]], 0.0)
+    np.testing.assert_allclose(after[0, ~middle], before[0, ~middle], rtol=1e-6, atol=1e-6)
+    assert np.abs(after[0, middle] - before[0, middle]).max() > 1e-3  # the edit does reach its own document
+
+
+def test_long_term_share_matches_the_operator():
+    """One-hot values (value of token j = e_j) turn the operator's output into attention weights: the window part
+    of o_t sums the window probabilities, so the slot share is 1 - that sum. Gates ~0 make every slot hold the
+    token that just left the window, whose index then carries exactly the slot share."""
+    T, H, Hkv, dk, m, window = 12, 4, 2, 8, 3, 4
+    q = jax.random.normal(jax.random.PRNGKey(1), (T, H, dk))
+    k = jax.random.normal(jax.random.PRNGKey(2), (T, Hkv, dk))
+    log_alpha = jnp.full((T, Hkv, m), -40.0)
+    one_hot_values = jnp.broadcast_to(jnp.eye(T)[:, None, :], (T, Hkv, T))
+    naive = jax.jit(lambda *args: ops.nha_attention(*args, window=window, impl="naive"))
+    out = naive(q[None], k[None], one_hot_values[None], log_alpha[None])[0]
+
+    t, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    in_window = (j <= t) & (j > t - window)  # [T, T]
+    window_mass = jnp.einsum("thj,tj->th", out, in_window.astype(out.dtype))
+    share = jax.jit(lambda *args: long_term_share(*args, window=window, rope_theta=10000.0))(q, k, log_alpha)
+    np.testing.assert_allclose(share, 1.0 - window_mass, rtol=1e-5, atol=1e-5)
+    late = jnp.arange(window, T)
+    np.testing.assert_allclose(share[window:], out[late, :, late - window], rtol=1e-5, atol=1e-5)
+    assert float(share.min()) > 0.0 and float(share.max()) < 1.0

@@ -1,0 +1,227 @@
+"""The Mosaic TPU kernels (pallas_kernels/tpu.py) in interpret mode against the reference forms of nha_jax.ops.
+
+The kernels take run ids and per-run positions (the dispatch's renumbering); the tests build them with the ops'
+own `runs_and_positions` and compare with `nha_attention(impl="naive" | "recurrent")` on the user-level ids.
+Chunk 16 keeps the shapes small while still covering several chunks and every window regime.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+# The race detector's verdict is only exposed here (jax 0.10.2).
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from nha_jax.ops import nha_attention
+from nha_jax.ops.decode import init_state
+from nha_jax.ops.segments import runs_and_positions
+from pallas_kernels.tpu import nha_attention_tpu
+
+CHUNK = 16
+
+
+def _inputs(seed, B, T, H, Hkv, dk, dv, m, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(keys[0], (B, T, H, dk)).astype(dtype)
+    k = jax.random.normal(keys[1], (B, T, Hkv, dk)).astype(dtype)
+    v = jax.random.normal(keys[2], (B, T, Hkv, dv)).astype(dtype)
+    # Gates spread from ~0 (keep) to ~-1 (forget fast), as logsigmoid(f) / tau gives them.
+    log_alpha = jax.nn.log_sigmoid(3.0 * jax.random.normal(keys[3], (B, T, Hkv, m))) / 4.0
+    cotangent = jax.random.normal(keys[4], (B, T, H, dv))
+    return q, k, v, log_alpha, cotangent
+
+
+def _segments(B, T, boundaries):
+    """User segment ids [B, T]: a new document at each boundary (the same for every row)."""
+    t = jnp.arange(T)
+    ids = sum((t >= b).astype(jnp.int32) for b in boundaries) if boundaries else jnp.zeros(T, jnp.int32)
+    return jnp.broadcast_to(ids * 3 + 7, (B, T))  # arbitrary ids: the kernels must see runs, not these
+
+
+def _max_rel(x, ref):
+    """max |x - ref| / max |ref|; a reference that is exactly zero (e.g. d log_alpha when W >= T) must be matched
+    to 1e-6 absolute."""
+    return float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-2))
+
+
+def _rel_l2(x, ref):
+    return float(jnp.linalg.norm(x.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+def _loss(attention, cotangent):
+    return lambda *args: jnp.sum(attention(*args).astype(jnp.float32) * cotangent)
+
+
+# (W, T, H, Hkv, segment boundaries): W = 0 (pure GSA), W < chunk, W > chunk (several key blocks), W >= T (causal
+# softmax plus sinks); odd T everywhere (a padded last chunk); GQA and documents spread over the cases.
+GRID = [
+    pytest.param(0, 37, 2, 2, [], id="W0"),
+    pytest.param(5, 45, 4, 2, [20, 30], id="W5-gqa-segments"),
+    pytest.param(23, 41, 2, 1, [13], id="W23-gqa-segment"),
+    pytest.param(64, 33, 2, 2, [], id="W-ge-T"),
+]
+
+
+@pytest.mark.parametrize("window, T, H, Hkv, boundaries", GRID)
+def test_forward_and_gradients_match_naive_float32(window, T, H, Hkv, boundaries):
+    B, dk, dv, m = 1, 16, 8, 4
+    q, k, v, log_alpha, cotangent = _inputs(window, B, T, H, Hkv, dk, dv, m, jnp.float32)
+    segment_ids = _segments(B, T, boundaries)
+    runs, positions = runs_and_positions(segment_ids, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+
+    def kernel(q, k, v, log_alpha):
+        return nha_attention_tpu(q, k, v, log_alpha, runs, positions, window=window, scale=None,
+                                 rope_theta=10000.0, interpret=True, chunk_size=CHUNK)
+
+    def naive(q, k, v, log_alpha):
+        return nha_attention(q, k, v, log_alpha, window=window, segment_ids=segment_ids, impl="naive")
+
+    args = (q, k, v, log_alpha)
+    assert _max_rel(kernel(*args), naive(*args)) <= 1e-4
+    got = jax.grad(_loss(kernel, cotangent), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(_loss(naive, cotangent), argnums=(0, 1, 2, 3))(*args)
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_alpha"), got, want):
+        assert _max_rel(g, r) <= 1e-4, name
+
+
+def test_initial_and_final_slots_match_recurrent():
+    """Run 0 continues a carried-in slot state; the final slots and all six gradients match the recurrence."""
+    B, T, H, Hkv, dk, dv, m, window = 2, 35, 2, 1, 16, 8, 4, 6
+    q, k, v, log_alpha, cotangent = _inputs(1, B, T, H, Hkv, dk, dv, m, jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    slot_k0 = jax.random.normal(keys[0], (B, Hkv, m, dk))
+    slot_v0 = jax.random.normal(keys[1], (B, Hkv, m, dv))
+    slot_cotangent = jax.random.normal(keys[2], (B, Hkv, m, dk))
+    runs = jnp.zeros((B, T), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    def kernel(q, k, v, log_alpha, slot_k0, slot_v0):
+        return nha_attention_tpu(q, k, v, log_alpha, runs, positions, slot_k0, slot_v0, window=window, scale=None,
+                                 rope_theta=10000.0, return_slots=True, interpret=True, chunk_size=CHUNK)
+
+    def recurrent(q, k, v, log_alpha, slot_k0, slot_v0):
+        state = init_state(B, Hkv, m, dk, dv, window)._replace(slot_k=slot_k0, slot_v=slot_v0)
+        out, final = nha_attention(q, k, v, log_alpha, window=window, initial_state=state, return_state=True,
+                                   impl="recurrent")
+        return out, final.slot_k, final.slot_v
+
+    def loss(attention):
+        def value(*args):
+            out, slot_k, slot_v = attention(*args)
+            return jnp.sum(out * cotangent) + jnp.sum(slot_k * slot_cotangent) + jnp.sum(slot_v[..., :1])
+        return value
+
+    args = (q, k, v, log_alpha, slot_k0, slot_v0)
+    for name, got, want in zip(("out", "slot_k", "slot_v"), kernel(*args), recurrent(*args)):
+        assert _max_rel(got, want) <= 1e-4, name
+    got = jax.grad(loss(kernel), argnums=tuple(range(6)))(*args)
+    want = jax.grad(loss(recurrent), argnums=tuple(range(6)))(*args)
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_alpha", "dslot_k0", "dslot_v0"), got, want):
+        assert _max_rel(g, r) <= 1e-4, name
+
+
+def test_bfloat16_within_one_percent_of_float32_reference():
+    B, T, H, Hkv, dk, dv, m, window = 1, 50, 2, 1, 32, 32, 8, 20
+    q, k, v, log_alpha, cotangent = _inputs(3, B, T, H, Hkv, dk, dv, m, jnp.bfloat16)
+    segment_ids = _segments(B, T, [29])
+    runs, positions = runs_and_positions(segment_ids, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+
+    def kernel(q, k, v, log_alpha):
+        return nha_attention_tpu(q, k, v, log_alpha, runs, positions, window=window, scale=None,
+                                 rope_theta=10000.0, interpret=True, chunk_size=CHUNK)
+
+    def naive(q, k, v, log_alpha):
+        f32 = lambda x: x.astype(jnp.float32)
+        return nha_attention(f32(q), f32(k), f32(v), log_alpha, window=window, segment_ids=segment_ids,
+                             impl="naive")
+
+    args = (q, k, v, log_alpha)
+    out = kernel(*args)
+    assert out.dtype == jnp.bfloat16
+    assert _rel_l2(out, naive(*args)) <= 1e-2
+    got = jax.grad(_loss(kernel, cotangent), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(_loss(naive, cotangent), argnums=(0, 1, 2, 3))(*args)
+    for name, g, r, x in zip(("dq", "dk", "dv", "dlog_alpha"), got, want, args):
+        assert g.dtype == x.dtype, name
+        assert _rel_l2(g, r) <= 1e-2, name
+
+
+def test_no_races_under_the_tpu_interpreter(monkeypatch):
+    """Two simulated cores split the parallel grid axes; the race detector watches every buffer access of all four
+    kernels (forward, slot backward, window dq, window dk/dv)."""
+    detectors = []  # the interpreter makes a fresh detector per kernel run: keep every one
+
+    class RecordedDetector(tpu_interpret.RaceDetectionState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            detectors.append(self)
+
+    monkeypatch.setattr(tpu_interpret, "RaceDetectionState", RecordedDetector)
+    B, T, H, Hkv, dk, dv, m, window = 1, 27, 2, 1, 16, 8, 4, 10
+    q, k, v, log_alpha, cotangent = _inputs(4, B, T, H, Hkv, dk, dv, m, jnp.float32)
+    runs = jnp.zeros((B, T), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+
+    def kernel(q, k, v, log_alpha):
+        return nha_attention_tpu(q, k, v, log_alpha, runs, positions, window=window, scale=None,
+                                 rope_theta=10000.0, interpret=params, chunk_size=CHUNK)
+
+    def naive(q, k, v, log_alpha):
+        return nha_attention(q, k, v, log_alpha, window=window, impl="naive")
+
+    args = (q, k, v, log_alpha)
+    grads = jax.block_until_ready(jax.grad(_loss(kernel, cotangent), argnums=(0, 1, 2, 3))(*args))
+    assert len(detectors) >= 4, "the race detector did not watch every kernel"
+    assert not any(detector.races_found for detector in detectors)
+    want = jax.grad(_loss(naive, cotangent), argnums=(0, 1, 2, 3))(*args)
+    for g, r in zip(grads, want):
+        assert _max_rel(g, r) <= 1e-4
+
+
+def test_race_detector_flags_a_racy_kernel():
+    """The control for the test above: two parallel programs writing one output block is a race."""
+    def write_program_id(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + pl.program_id(0).astype(jnp.float32)
+
+    racy = pl.pallas_call(
+        write_program_id, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)), out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
+    jax.block_until_ready(racy(jnp.zeros((16, 128))))
+    assert tpu_interpret.races.races_found
+
+
+def test_pure_sliding_window_without_slots():
+    """m = 0 leaves a plain sliding-window softmax (no sinks)."""
+    B, T, H, Hkv, dk, dv, window = 1, 20, 2, 2, 16, 8, 4
+    q, k, v, _, _ = _inputs(5, B, T, H, Hkv, dk, dv, 1, jnp.float32)
+    log_alpha = jnp.zeros((B, T, Hkv, 0))
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out, slot_k, slot_v = nha_attention_tpu(
+        q, k, v, log_alpha, jnp.zeros((B, T), jnp.int32), positions, window=window, scale=None, rope_theta=None,
+        return_slots=True, interpret=True, chunk_size=CHUNK)
+    t = jnp.arange(T)
+    visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    logits = jnp.einsum("bthd,bjhd->bhtj", q, k) * dk ** -0.5
+    want = jnp.einsum("bhtj,bjhe->bthe", jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), v)
+    assert _max_rel(out, want) <= 1e-4
+    assert slot_k.shape == (B, Hkv, 0, dk) and slot_v.shape == (B, Hkv, 0, dv)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(window=-1), "window"),
+    (dict(chunk_size=24), "chunk_size"),
+    (dict(k_heads=3), "multiple of the kv heads"),
+])
+def test_bad_arguments_name_the_fix(change, message):
+    B, T, H, dk = 1, 8, 4, 8
+    Hkv = change.get("k_heads", 2)
+    q = jnp.zeros((B, T, H, dk))
+    k = v = jnp.zeros((B, T, Hkv, dk))
+    log_alpha = jnp.zeros((B, T, Hkv, 2))
+    ids = jnp.zeros((B, T), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        nha_attention_tpu(q, k, v, log_alpha, ids, ids, window=change.get("window", 2), scale=None,
+                          rope_theta=None, interpret=True, chunk_size=change.get("chunk_size"))
