@@ -3,11 +3,14 @@
 Runs a correctness check against the chunked path first, then times forward and forward+backward (bf16) at
 S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=dv=128, m=64, W=64.
 Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
-Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check]
+First it splits the forward into XLA preparation / state kernel / output kernel for each --sweep variant.
+Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...]
+       [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -16,7 +19,8 @@ import jax.numpy as jnp
 
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
-from pallas_kernels.triton import _core_pallas, _prepare, nha_attention_triton
+from pallas_kernels.triton import _outputs, _prepare, _slot_states, nha_attention_triton
+from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
 HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 128, 64, 64
@@ -109,20 +113,49 @@ def check(key):
         print(f"  {name:8s} {seq:5d} {window:3d} | " + " ".join(f"{e:.2e}" for e in errs))
 
 
-def breakdown(key, shape, reps):
-    """Forward split into the XLA preparation and the two Pallas kernels (state + output), in ms."""
+SWEEP = {  # tuning-table candidates, applied to the output and state kernels
+    "table": {},
+    "out_warps4": dict(output_warps=4),
+    "key_block64": dict(key_block=64),
+    "sub_block32": dict(sub_block=32),
+    "stages1": dict(output_stages=1, state_stages=1),
+    "stages3": dict(output_stages=3, state_stages=3),
+    "state_warps4": dict(state_warps=4),
+    "state_split4": dict(state_splits=4),
+    "chunk64": dict(chunk=64),
+    "chunk16": dict(chunk=16),
+}
+
+
+def breakdown(key, shape, reps, sweep):
+    """Forward split into the XLA preparation, the state kernel and the output kernel (ms), per tuning variant."""
     batch, seq = SHAPES[shape]
     q, k, v, la, _ = make_inputs(key, batch, seq)
     seg = jnp.zeros((batch, seq), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    prep = jax.jit(lambda q, k, v, la: _prepare(q, k, v, la, seg, pos, None, None, window=WINDOW,
-                                                rope_theta=10000.0, block_size=None)[0])
-    core_args = prep(q, k, v, la)
-    chunk = _prepare(q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=None)[1]
-    core = jax.jit(lambda *a: _core_pallas(*a, window=WINDOW, num_slots=SLOTS, scale=HEAD_DIM ** -0.5,
-                                           chunk=chunk, interpret=False))
-    print(f"{shape} breakdown: prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, "
-          f"kernels {median_ms(core, core_args, reps):.3f} ms", flush=True)
+    for name in sweep:
+        config = dataclasses.replace(triton_config(HEAD_DIM), **SWEEP[name])
+        chunk = config.chunk
+        prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
+            q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
+        q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg_p, run = prep(q, k, v, la)
+        if name == sweep[0]:
+            whole = jax.jit(pallas_fn(WINDOW))
+            print(f"{shape} prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, whole forward "
+                  f"{median_ms(whole, (q, k, v, la), reps):.3f} ms (tuning table)", flush=True)
+        states = jax.jit(lambda *a, config=config: _slot_states(*a, chunk=chunk, config=config, interpret=False))
+        state_args = (ks, vs, gates, writes, hk0, hv0, run)
+        outputs = jax.jit(lambda *a, config=config: _outputs(
+            *a, window=WINDOW, num_slots=SLOTS, scale=HEAD_DIM ** -0.5, chunk=chunk, config=config,
+            interpret=False))
+        try:
+            hk, hv, _, _ = states(*state_args)
+            t_state = median_ms(states, state_args, reps)
+            t_out = median_ms(outputs, (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run), reps)
+        except Exception as err:  # a variant that does not compile is reported and skipped
+            print(f"{shape} {name}: {type(err).__name__}: {str(err)[:300]}")
+            continue
+        print(f"{shape} {name:13s} state kernel {t_state:.3f} ms, output kernel {t_out:.3f} ms", flush=True)
 
 
 def main():
@@ -130,6 +163,8 @@ def main():
     parser.add_argument("--shapes", default="S1,S2,S3")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}")
+    parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
@@ -140,7 +175,9 @@ def main():
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
     impls = {name: impls[name] for name in args.impls.split(",")}
     for shape in args.shapes.split(","):
-        breakdown(key, shape, args.reps)
+        breakdown(key, shape, args.reps, args.sweep.split(","))
+    if args.timings == "no":
+        return
     table = []
     for shape in args.shapes.split(","):
         batch, seq = SHAPES[shape]

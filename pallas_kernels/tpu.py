@@ -577,13 +577,10 @@ def nha_attention_tpu(q, k, v, log_alpha, segment_ids, positions, slot_k0=None, 
     gates_in = jnp.where(feeds[..., None, None], _delay(log_alpha, window), 0.0)
     write_in = -jnp.expm1(gates_in)
     keys_in, values_in = _delay(k, window), _delay(v, window)
-    if rope_theta is None:
-        q_rot, k_rot = q, k
-    else:
-        q_rot = _rope(q, positions, rope_theta).astype(q.dtype)
-        k_rot = _rope(k, positions, rope_theta).astype(k.dtype)
-    q_slot = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    q_rot = (q_rot.astype(jnp.float32) * scale).astype(q.dtype)
+    q_scaled = q.astype(jnp.float32) * scale  # one rounding to q.dtype per kernel input, after RoPE and scale
+    q_slot = q_scaled.astype(q.dtype)
+    q_rot = (q_scaled if rope_theta is None else _rope(q_scaled, positions, rope_theta)).astype(q.dtype)
+    k_rot = k if rope_theta is None else _rope(k, positions, rope_theta).astype(k.dtype)
 
     # An empty slot set still needs one (masked) slot column to keep every block non-empty.
     live_slots = m

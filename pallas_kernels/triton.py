@@ -5,18 +5,17 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   RoPE to the window copies of q and k, shifts the slot inputs by W (k'_p = k_{p-W}: token j is written at step
   j + W) and zeroes the writes that would cross a change of run id, and takes chunk-local cumulative gates G.
   Everything here is differentiated by XLA, so the kernels only see the "core" problem below.
-- `_state_kernel`, grid (B, Hkv), sequential over chunks: the slot states H^k_c [dk, m] and H^v_c [m, dv] that
-  enter each chunk (float32, in HBM), and the final state.
-- `_output_kernel`, grid (B, H, T/C), fully parallel: slot logits (inter-chunk through H^k_c, intra-chunk one key at
-  a time so that every gate exponent G_t - G_p is <= 0), window logits over key blocks with an online softmax,
-  one float32 softmax over both, slot read (through H^v_c and intra-chunk), window read.
+- `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
+  H^v_c [m, dv] that enter each chunk (float32, in HBM), and the final state.
+- `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of 16 rows carrying the slot
+  state, so every gate exponent is <= 0; per sub-block: slot logits (state + a [16, 16, m] block of pairs), window
+  logits over key blocks with an online softmax, one float32 softmax over both, slot read, window read.
 - The backward pass recomputes: it differentiates `_core_xla`, the same chunked algorithm written in XLA
   (checkpointed per chunk, so no T x (m + W) array is kept).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +59,12 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 
 def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_ref,
                   hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks):
-    """One (batch, kv head): H^k/H^v entering every chunk, and after the last one.
+    """One (batch, kv head, slice of dk and dv): H^k/H^v entering every chunk, and after the last one.
 
     ks [Tp, dk], vs [Tp, dv] shifted keys/values; gates [Tp, m] chunk-local cumulative shifted log gates; writes
     [Tp, m] shifted write strengths (0 where nothing is written); run [Tp] slot run ids (non-decreasing);
-    hk0 [dk, m], hv0 [m, dv] initial state (belongs to run 0). Outputs hk [nC, dk, m], hv [nC, m, dv], finals.
+    hk0 [dk, m], hv0 [m, dv] initial state (belongs to run 0). Outputs hk [nC, dk, m], hv [nC, m, dv], finals
+    (dk and dv here are this program's slices).
     """
     compute_dtype = ks_ref.dtype
 
@@ -195,29 +195,34 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 # Launchers of the core problem (inputs prepared by `_prepare`).
 
 
-def _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
-                 window, num_slots, scale, chunk, interpret):
-    """Forward of the core problem with the Pallas kernels. Shapes as `_core_xla`; returns (o, hk_final, hv_final)."""
-    batch, t_pad, heads, dk = q.shape
-    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
-    group = heads // kv_heads
-    config = triton_config(max(dk, dv))
+def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpret):
+    """Launches _state_kernel: (hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv], hk_final, hv_final), float32.
+
+    The grid is (B, Hkv, splits): each program owns dk/splits rows of H^k and dv/splits columns of H^v, so that
+    small batches still fill the GPU (the chunk loop inside a program is sequential).
+    """
+    batch, t_pad, kv_heads, dk = ks.shape
+    dv, m = vs.shape[3], gates.shape[3]
     num_chunks = t_pad // chunk
+    splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
+    dk_part, dv_part = dk // splits, dv // splits
 
-    def per_token(width):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, g: (b, 0, g, 0))
+    def per_token(width, split):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, g, i: (b, 0, g, i if split else 0))
 
-    hk, hv, hk_final, hv_final = pl.pallas_call(
+    def per_head(*shape, split_axis):
+        def index(b, g, i):
+            return (b, g) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+        return pl.BlockSpec((None, None, *shape), index)
+
+    return pl.pallas_call(
         functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks),
-        grid=(batch, kv_heads),
-        in_specs=[per_token(dk), per_token(dv), per_token(m), per_token(m),
-                  pl.BlockSpec((None, t_pad), lambda b, g: (b, 0)),
-                  pl.BlockSpec((None, None, dk, m), lambda b, g: (b, g, 0, 0)),
-                  pl.BlockSpec((None, None, m, dv), lambda b, g: (b, g, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, num_chunks, dk, m), lambda b, g: (b, g, 0, 0, 0)),
-                   pl.BlockSpec((None, None, num_chunks, m, dv), lambda b, g: (b, g, 0, 0, 0)),
-                   pl.BlockSpec((None, None, dk, m), lambda b, g: (b, g, 0, 0)),
-                   pl.BlockSpec((None, None, m, dv), lambda b, g: (b, g, 0, 0))],
+        grid=(batch, kv_heads, splits),
+        in_specs=[per_token(dk_part, True), per_token(dv_part, True), per_token(m, False), per_token(m, False),
+                  pl.BlockSpec((None, t_pad), lambda b, g, i: (b, 0)),
+                  per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
+        out_specs=[per_head(num_chunks, dk_part, m, split_axis=1), per_head(num_chunks, m, dv_part, split_axis=2),
+                   per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
         out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, dk, m), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, m, dv), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, dk, m), jnp.float32),
@@ -226,6 +231,14 @@ def _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
         interpret=interpret,
         name="nha_slot_state",
     )(ks, vs, gates, writes, run, hk0, hv0)
+
+
+def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
+             window, num_slots, scale, chunk, config, interpret):
+    """Launches _output_kernel over (B, H, T/C): o [B, Tp, H, dv] in q.dtype."""
+    batch, t_pad, heads, dk = q.shape
+    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
+    group = heads // kv_heads
 
     def query_chunk(width):
         return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h, 0))
@@ -236,23 +249,36 @@ def _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
     def kv_all(width):
         return pl.BlockSpec((None, t_pad, None, width), lambda b, h, c: (b, 0, h // group, 0))
 
-    def runs():
-        return pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+    def chunk_state(*shape):
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // group, c, 0, 0))
 
-    out = pl.pallas_call(
+    runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+    return pl.pallas_call(
         functools.partial(_output_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
                           key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale),
-        grid=(batch, heads, num_chunks),
+        grid=(batch, heads, t_pad // chunk),
         in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
-                  pl.BlockSpec((None, None, None, dk, m), lambda b, h, c: (b, h // group, c, 0, 0)),
-                  pl.BlockSpec((None, None, None, m, dv), lambda b, h, c: (b, h // group, c, 0, 0)),
-                  kv_all(dk), kv_all(dv), runs(), runs()],
+                  chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs],
         out_specs=query_chunk(dv),
         out_shape=jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
         compiler_params=_compiler_params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="nha_output",
     )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run)
+
+
+def _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
+                 window, num_slots, scale, chunk, interpret, config=None):
+    """Forward of the core problem with the Pallas kernels. Shapes as `_core_xla`; returns (o, hk_final, hv_final).
+
+    config: a tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates); None = the table.
+    """
+    if config is None:
+        config = triton_config(max(q.shape[3], vs.shape[3]), state_programs=ks.shape[0] * ks.shape[2])
+    hk, hv, hk_final, hv_final = _slot_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk, config=config,
+                                              interpret=interpret)
+    out = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+                   scale=scale, chunk=chunk, config=config, interpret=interpret)
     return out, hk_final, hv_final
 
 
@@ -308,13 +334,13 @@ def _core_xla(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *, window
         visible = visible[None] & (segq[:, :, None] == segw[:, None, :])  # [B, t, j]
         scores = jnp.einsum("btkgd,bjkd->btkgj", qrc, kw) * scale
         scores = jnp.where(visible[:, :, None, None], scores, _MASK_VALUE)
-        joint = jnp.concatenate([logits, scores], axis=-1)
-        row_max = jax.lax.stop_gradient(jnp.max(joint, axis=-1, keepdims=True))
-        mask = jnp.concatenate([jnp.broadcast_to(slot_valid, logits.shape),
-                                jnp.broadcast_to(visible[:, :, None, None], scores.shape)], axis=-1)
-        probs = jnp.where(mask, jnp.exp(joint - row_max), 0.0)
-        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-        p_slot, p_win = probs[..., :m], probs[..., m:]
+        # One softmax over both parts without concatenating them: a concatenate here was the likely source of a
+        # minutes-long XLA GPU compile of the backward (input_concatenate_fusion); not re-measured since.
+        row_max = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1), jnp.max(scores, axis=-1)))[..., None]
+        p_slot = jnp.where(slot_valid, jnp.exp(logits - row_max), 0.0)
+        p_win = jnp.where(visible[:, :, None, None], jnp.exp(scores - row_max), 0.0)
+        total = jnp.sum(p_slot, axis=-1, keepdims=True) + jnp.sum(p_win, axis=-1, keepdims=True)
+        p_slot, p_win = p_slot / total, p_win / total
         out = jnp.einsum("btkgm,bkmv->btkgv", p_slot * inter[:, :, :, None], hv)
         out += jnp.einsum("btkgm,btpkm,bpkv->btkgv", p_slot, intra, vsc)
         out += jnp.einsum("btkgj,bjkv->btkgv", p_win, vw)

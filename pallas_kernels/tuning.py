@@ -1,7 +1,11 @@
 """Block sizes, warps and pipeline stages of the GPU NHA kernels, per shape class (a table in code, never searched).
 
-The table is keyed by the largest padded head dimension, the only size that moves the register budget of the
-kernels much (the slot states H^k [dk, m] and H^v [m, dv] and the output tile live in registers).
+Shape classes: the largest padded head dimension (it sets the register budget: the slot states H^k [dk, m] and
+H^v [m, dv] and the [sub, sub, m] pair block live in registers), and whether the (batch, kv head) pairs alone fill
+the GPU (the slot-state kernel is sequential over chunks inside a program). Measured on one H100 (jax 0.11.2,
+bench/NOTES_kernels.md): at dk = dv = 128, m = 64, W = 64, chunk 32 beat 64 (output kernel 2.30 vs 3.27 ms at S1),
+sub-block 32 doubled the time (register spills), 8 warps beat 4, stages hardly mattered, and splitting the state
+kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ class TritonConfig:
     sub_block: rows the output kernel handles at once inside a chunk (its [sub, sub, m] pair block lives in
       registers); key_block: keys per step of the window loop. Both powers of two >= 16, capped at chunk.
     output_warps / output_stages: num_warps / num_stages of the output kernel (grid B x H x T/chunk).
-    state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv, sequential over chunks).
+    state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv x state_splits, sequential over
+      chunks); state_splits: programs per (batch, kv head), each owning a slice of dk and dv (capped at dim / 16).
     """
 
     chunk: int
@@ -26,18 +31,31 @@ class TritonConfig:
     output_stages: int
     state_warps: int
     state_stages: int
+    state_splits: int
 
 
 # Keyed by max(padded dk, padded dv); the first row whose bound is >= the key wins.
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
-    (64, TritonConfig(chunk=64, sub_block=16, key_block=32, output_warps=4, output_stages=2, state_warps=4, state_stages=2)),
-    (128, TritonConfig(chunk=64, sub_block=16, key_block=32, output_warps=8, output_stages=2, state_warps=8, state_stages=2)),
-    (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1, state_warps=8, state_stages=1)),
+    (64, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=4, output_stages=2,
+                      state_warps=4, state_stages=2, state_splits=1)),
+    (128, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=2,
+                       state_warps=8, state_stages=2, state_splits=1)),
+    (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,
+                           state_warps=8, state_stages=1, state_splits=1)),
 )
+# Below this many (batch, kv head) pairs the state kernel alone leaves most of an H100's 132 SMs idle.
+_FEW_STATE_PROGRAMS = 64
+_SPLITS_WHEN_FEW = 4
 
 
-def triton_config(head_dim: int) -> TritonConfig:
-    """Return the launch parameters for kernels whose largest padded head dimension is `head_dim`."""
+def triton_config(head_dim: int, state_programs: int | None = None) -> TritonConfig:
+    """Launch parameters for kernels whose largest padded head dimension is `head_dim`.
+
+    state_programs: batch * kv heads, if known; when it is small the state kernel is split over dk and dv.
+    """
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-    return next(config for bound, config in _TABLE if head_dim <= bound)
+    config = next(config for bound, config in _TABLE if head_dim <= bound)
+    if state_programs is not None and state_programs < _FEW_STATE_PROGRAMS:
+        config = dataclasses.replace(config, state_splits=_SPLITS_WHEN_FEW)
+    return config

@@ -23,12 +23,23 @@ from nha_jax.training import NonFiniteLossError, loop, train  # noqa: E402
 from nha_jax.training.checkpoint import Checkpointer  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs that stop and resume compile the same programs again: a persistent cache makes the repeats cheap."""
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
 def tiny_config(workdir, **top_level):
-    """A 2-layer NHA LM (one window-8 layer with slots, one full layer) on 4 x 64 byte rows."""
+    """A 2-layer NHA LM (one window-8 layer with slots, one full layer) on 8 x 64 byte rows, one per fake device."""
     config = base_config()
     config.workdir = str(workdir)
     config.seq_len = 64
-    config.global_batch_size = 4
+    config.global_batch_size = 8
     config.total_steps = 6
     config.log_every = 1
     config.eval_every = 0
@@ -70,10 +81,12 @@ class RecordingIterator:
         self.inner.set_state(state)
 
 
+REAL_TRAIN_ITERATOR = data.build_train_iterator
+
+
 def record_batches(monkeypatch, log, sigterm_at=None):
-    real = data.build_train_iterator
     monkeypatch.setattr(data, "build_train_iterator",
-                        lambda *args, **kwargs: RecordingIterator(real(*args, **kwargs), log, sigterm_at))
+                        lambda *args, **kwargs: RecordingIterator(REAL_TRAIN_ITERATOR(*args, **kwargs), log, sigterm_at))
 
 
 def test_default_config_learns(tmp_path):

@@ -4,9 +4,11 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from nha_jax.ops.chunked import nha_chunked
 from nha_jax.ops.decode import NO_SEGMENT, NHAState, init_state
 from nha_jax.ops.reference import nha_naive, nha_recurrent
+from nha_jax.ops.rope import apply_rope
 from nha_jax.ops.segments import runs_and_positions
 
 IMPLS = ("recurrent", "naive", "chunked", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "auto")
@@ -40,7 +42,11 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
     scale = dk ** -0.5 if scale is None else float(scale)
     stateful = initial_state is not None or return_state
     if impl == "auto":
-        impl = "chunked"
+        impl = _auto_impl()
+        if (impl == "pallas_triton" and m == 0 and window >= T and dv == dk and not stateful
+                and segment_ids is None):
+            # No slots and a window over everything is plain causal attention: cuDNN's flash attention runs it.
+            return causal_softmax_attention(q, k, v, scale=scale, rope_theta=rope_theta, implementation="cudnn")
     if impl == "naive":
         if stateful:
             raise ValueError("impl='naive' takes no initial_state/return_state; use impl='chunked' or 'recurrent'.")
@@ -50,8 +56,6 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
         out, state = nha_recurrent(q, k, v, log_alpha, window=window, scale=scale, rope_theta=rope_theta,
                                    segment_ids=segment_ids, initial_state=initial_state)
         return (out, state) if return_state else out
-    if impl != "chunked":
-        raise ValueError(f"impl={impl!r} is not available in this build; use impl='chunked' or 'auto'.")
 
     state = initial_state
     if state is None:
@@ -60,19 +64,63 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     continues = jnp.ones((B,), bool) if segment_ids is None else seg[:, 0] == state.segment
     runs, positions = runs_and_positions(seg, continues, state.position)
-    carry = (state.slot_k, state.slot_v, state.ring_k, state.ring_v, state.ring_log_alpha,
-             jnp.where((state.ring_pos >= 0) & continues[:, None], 0, -1).astype(jnp.int32), state.ring_pos,
-             jnp.where(continues, 0, -1).astype(jnp.int32))
-    out, carry = nha_chunked(q, k, v, log_alpha, runs, positions, carry, window=window, scale=scale,
-                             rope_theta=rope_theta, chunk_size=chunk_size)
+    # The state's window entries belong to run 0 when the first document continues it, else to no run (-1).
+    ring_runs = jnp.where((state.ring_pos >= 0) & continues[:, None], 0, -1).astype(jnp.int32)
+    run_fn = _chunked_call if impl == "chunked" else _kernel_call
+    out, (slot_k, slot_v, ring_k, ring_v, ring_la, ring_run, ring_pos) = run_fn(
+        impl, q, k, v, log_alpha, runs, positions, state, ring_runs, continues, stateful, window=window, scale=scale,
+        rope_theta=rope_theta, chunk_size=chunk_size)
     if not return_state:
         return out
-    slot_k, slot_v, ring_k, ring_v, ring_la, ring_run, ring_pos, last_run = carry
     final = NHAState(slot_k=slot_k, slot_v=slot_v, ring_k=ring_k, ring_v=ring_v, ring_log_alpha=ring_la,
-                     ring_pos=jnp.where(ring_run == last_run[:, None], ring_pos, -1),
+                     ring_pos=jnp.where(ring_run == runs[:, -1:], ring_pos, -1),
                      segment=state.segment if segment_ids is None else seg[:, -1],
                      position=positions[:, -1] + 1)
     return out, final
+
+
+def _chunked_call(impl, q, k, v, log_alpha, runs, positions, state, ring_runs, continues, stateful, *, window,
+                  scale, rope_theta, chunk_size):
+    """The XLA path: the scan carries the state itself. Returns (out, final slots and ring with run ids)."""
+    del impl, stateful
+    carry = (state.slot_k, state.slot_v, state.ring_k, state.ring_v, state.ring_log_alpha, ring_runs,
+             state.ring_pos, jnp.where(continues, 0, -1).astype(jnp.int32))
+    out, carry = nha_chunked(q, k, v, log_alpha, runs, positions, carry, window=window, scale=scale,
+                             rope_theta=rope_theta, chunk_size=chunk_size)
+    return out, carry[:7]
+
+
+def _kernel_call(impl, q, k, v, log_alpha, runs, positions, state, ring_runs, continues, stateful, *, window,
+                 scale, rope_theta, chunk_size):
+    """A Pallas kernel: the state's window entries are prepended as tokens, its slots passed as initial slots.
+
+    Returns (out, final slots and ring with run ids), like _chunked_call. The kernels pick their own block sizes.
+    """
+    del chunk_size
+    kernel, platform = pallas_kernels.get_kernel(impl)
+    backend = jax.default_backend()
+    if backend not in (platform, "cpu"):
+        raise ValueError(f"impl={impl!r} runs on {platform} (or interpreted on cpu), not on {backend}; "
+                         f"use impl='auto'.")
+    if not stateful:
+        out = kernel(q, k, v, log_alpha, runs, positions, window=window, scale=scale, rope_theta=rope_theta,
+                     interpret=backend == "cpu")
+        return out, (None,) * 7
+    W = window
+    with_ring = lambda ring, x: jnp.concatenate([ring.astype(x.dtype), x], axis=1)
+    q_ext = with_ring(jnp.zeros((q.shape[0], W) + q.shape[2:], q.dtype), q)
+    k_ext, v_ext = with_ring(state.ring_k, k), with_ring(state.ring_v, v)
+    la_ext = with_ring(state.ring_log_alpha, log_alpha.astype(jnp.float32))
+    runs_ext, pos_ext = with_ring(ring_runs, runs), with_ring(jnp.maximum(state.ring_pos, 0), positions)
+    slot_k0 = jnp.where(continues[:, None, None, None], state.slot_k, 0.0)
+    slot_v0 = jnp.where(continues[:, None, None, None], state.slot_v, 0.0)
+    out, slot_k, slot_v = kernel(q_ext, k_ext, v_ext, la_ext, runs_ext, pos_ext, slot_k0, slot_v0, window=window,
+                                 scale=scale, rope_theta=rope_theta, return_slots=True, interpret=backend == "cpu")
+    last = lambda x: x[:, x.shape[1] - W:]
+    ring_pos = jnp.where(last(runs_ext) >= 0, last(pos_ext), -1)
+    ring = (last(k_ext).astype(state.ring_k.dtype), last(v_ext).astype(state.ring_v.dtype), last(la_ext),
+            last(runs_ext), ring_pos)
+    return out[:, W:], (slot_k, slot_v) + ring
 
 
 def _check_args(q, k, v, log_alpha, window, scale, rope_theta, segment_ids, initial_state, impl, chunk_size):
@@ -133,3 +181,18 @@ def prefill(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0, segme
     return nha_attention(q, k, v, log_alpha, window=window, scale=scale, rope_theta=rope_theta,
                          segment_ids=segment_ids, initial_state=initial_state, return_state=True, impl=impl,
                          chunk_size=chunk_size)
+
+
+def causal_softmax_attention(q, k, v, *, scale, rope_theta, implementation):
+    """Causal softmax attention with RoPE, via jax.nn.dot_product_attention: what NHA is with m = 0 and
+    window >= T. q [B,T,H,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv] -> [B,T,H,dv] in q.dtype."""
+    if rope_theta is not None:
+        positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+        q = apply_rope(q, positions, rope_theta).astype(q.dtype)
+        k = apply_rope(k, positions, rope_theta).astype(k.dtype)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+
+
+def _auto_impl():
+    """The fastest correct implementation for the default backend (see docs/PERFORMANCE.md)."""
+    return {"gpu": "pallas_triton", "tpu": "pallas_tpu"}.get(jax.default_backend(), "chunked")

@@ -72,7 +72,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": state["rng"]}
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"]), "loss_tokens": count}
         return new_state, metrics
 

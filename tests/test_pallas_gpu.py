@@ -1,0 +1,187 @@
+"""The GPU Pallas (Triton lowering) NHA kernels, run in interpret mode on the CPU, against nha_jax.ops references.
+
+Small shapes with block_size=16 or 32 so that a few dozen tokens cross several chunk and sub-block boundaries.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nha_jax.ops import nha_attention
+from nha_jax.ops.decode import init_state
+from nha_jax.ops.reference import nha_recurrent
+from nha_jax.ops.segments import runs_and_positions
+from pallas_kernels.triton import nha_attention_triton
+
+ROPE = 10000.0
+
+
+def _inputs(seed, batch, seq, heads, kv_heads, dk, dv, m, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(keys[0], (batch, seq, heads, dk), dtype)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, dk), dtype)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, dv), dtype)
+    # Gates from strong (log alpha ~ -1) to weak (~ -0.01): exercises the exp(G_t - G_p) bounds.
+    log_alpha = jax.nn.log_sigmoid(3.0 * jax.random.normal(keys[3], (batch, seq, kv_heads, m))) / 4
+    cotangent = jax.random.normal(keys[4], (batch, seq, heads, dv), jnp.float32)
+    return q, k, v, log_alpha, cotangent
+
+
+def _segments(batch, seq, cuts):
+    """User segment ids [B, T]: a new document after every position in `cuts` (same for every batch row)."""
+    ids = jnp.zeros((seq,), jnp.int32)
+    for cut in cuts:
+        ids = ids + (jnp.arange(seq) >= cut)
+    return jnp.broadcast_to(ids * 7, (batch, seq))  # not 0, 1, 2: the kernels must not assume consecutive ids
+
+
+def _triton(q, k, v, log_alpha, seg, *, window, block_size, **kwargs):
+    """The kernel entry point called as the dispatch does for a fresh (non-continuing) call."""
+    batch = q.shape[0]
+    runs, positions = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+    return nha_attention_triton(q, k, v, log_alpha, runs, positions, window=window, scale=q.shape[-1] ** -0.5,
+                                rope_theta=ROPE, interpret=True, block_size=block_size, **kwargs)
+
+
+def _rel(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+# (batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size); the gradient cases check the forward too.
+FORWARD_CASES = {
+    "gsa_w0": (1, 40, 2, 2, 16, 16, 16, 0, (), 16),
+    "w_ge_t_full_attention_plus_sinks": (1, 50, 2, 2, 16, 16, 16, 64, (), 16),
+    "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16),
+}
+GRADIENT_CASES = {
+    # block 32 = two sub-blocks of 16: the state is carried inside a chunk; dk = 32 splits the state kernel.
+    "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32),
+    "w_gt_chunk_segments": (1, 45, 2, 1, 16, 32, 16, 24, (20,), 16),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES.values(), ids=FORWARD_CASES.keys())
+def test_forward_matches_naive(case):
+    batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size = case
+    q, k, v, log_alpha, _ = _inputs(1, batch, seq, heads, kv_heads, dk, dv, m)
+    seg = _segments(batch, seq, cuts)
+    out = _triton(q, k, v, log_alpha, seg, window=window, block_size=block_size)
+    ref = nha_attention(q, k, v, log_alpha, window=window, rope_theta=ROPE, segment_ids=seg, impl="naive")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert _rel(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES.values(), ids=GRADIENT_CASES.keys())
+def test_forward_and_gradients_match_naive(case):
+    batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size = case
+    q, k, v, log_alpha, cotangent = _inputs(2, batch, seq, heads, kv_heads, dk, dv, m)
+    seg = _segments(batch, seq, cuts)
+
+    def loss_triton(*xs):
+        out = _triton(*xs, seg, window=window, block_size=block_size)
+        return jnp.sum(out * cotangent), out
+
+    def loss_naive(*xs):
+        out = nha_attention(*xs, window=window, rope_theta=ROPE, segment_ids=seg, impl="naive")
+        return jnp.sum(out * cotangent), out
+
+    grads, out = jax.grad(loss_triton, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, log_alpha)
+    refs, ref = jax.grad(loss_naive, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, log_alpha)
+    assert _rel(out, ref) <= 1e-4
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_alpha"), grads, refs):
+        assert _rel(g, r) <= 1e-4, name
+
+
+def test_initial_and_final_slots_match_recurrent():
+    """slot_k0/slot_v0 seen by run 0 only; return_slots = the state after T-1; gradients reach the initial slots."""
+    batch, seq, heads, kv_heads, dk, dv, m, window = 2, 35, 2, 1, 16, 16, 16, 6
+    q, k, v, log_alpha, cotangent = _inputs(3, batch, seq, heads, kv_heads, dk, dv, m)
+    keys = jax.random.split(jax.random.PRNGKey(4), 2)
+    slot_k0 = jax.random.normal(keys[0], (batch, kv_heads, m, dk))
+    slot_v0 = jax.random.normal(keys[1], (batch, kv_heads, m, dv))
+    # Row 0: one document continuing the state. Row 1: the state's document, then a new one.
+    seg = jnp.stack([jnp.zeros((seq,), jnp.int32), (jnp.arange(seq) >= 20).astype(jnp.int32)])
+    runs, positions = runs_and_positions(seg, jnp.ones((batch,), bool), jnp.zeros((batch,), jnp.int32))
+
+    def triton(q, k, v, log_alpha, slot_k0, slot_v0):
+        return nha_attention_triton(q, k, v, log_alpha, runs, positions, slot_k0, slot_v0, window=window,
+                                    scale=dk ** -0.5, rope_theta=ROPE, return_slots=True, interpret=True,
+                                    block_size=16)
+
+    def recurrent(q, k, v, log_alpha, slot_k0, slot_v0):
+        state = init_state(batch, kv_heads, m, dk, dv, window)._replace(slot_k=slot_k0, slot_v=slot_v0,
+                                                                        segment=seg[:, 0])
+        out, final = nha_recurrent(q, k, v, log_alpha, window=window, scale=dk ** -0.5, rope_theta=ROPE,
+                                   segment_ids=seg, initial_state=state)
+        return out, final.slot_k, final.slot_v
+
+    args = (q, k, v, log_alpha, slot_k0, slot_v0)
+    for name, got, want in zip(("out", "slot_k", "slot_v"), triton(*args), recurrent(*args)):
+        assert _rel(got, want) <= 1e-4, name
+
+    def loss(fn):
+        def scalar(*xs):
+            out, slot_k, slot_v = fn(*xs)
+            return jnp.sum(out * cotangent) + jnp.sum(slot_k * slot_k0) + jnp.sum(jnp.sin(slot_v))
+        return scalar
+
+    grads = jax.grad(loss(triton), argnums=range(6))(*args)
+    refs = jax.grad(loss(recurrent), argnums=range(6))(*args)
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_alpha", "dslot_k0", "dslot_v0"), grads, refs):
+        assert _rel(g, r) <= 1e-4, name
+
+
+def test_dummy_tokens_pass_the_initial_state_to_run_0():
+    """Run id -1 marks dummy tokens before run 0: no window and no slot write, and run 0 still sees slot_k0."""
+    batch, seq, dummies, heads, kv_heads, dk, dv, m, window = 1, 30, 5, 2, 2, 16, 16, 16, 4
+    q, k, v, log_alpha, _ = _inputs(5, batch, seq, heads, kv_heads, dk, dv, m)
+    keys = jax.random.split(jax.random.PRNGKey(6), 2)
+    slot_k0 = jax.random.normal(keys[0], (batch, kv_heads, m, dk))
+    slot_v0 = jax.random.normal(keys[1], (batch, kv_heads, m, dv))
+    runs = jnp.where(jnp.arange(seq) < dummies, -1, 0)[None].astype(jnp.int32)
+    positions = jnp.maximum(jnp.arange(seq) - dummies, 0)[None].astype(jnp.int32)
+    out, slot_k, slot_v = nha_attention_triton(q, k, v, log_alpha, runs, positions, slot_k0, slot_v0,
+                                               window=window, scale=dk ** -0.5, rope_theta=ROPE,
+                                               return_slots=True, interpret=True, block_size=16)
+    state = init_state(batch, kv_heads, m, dk, dv, window)._replace(slot_k=slot_k0, slot_v=slot_v0,
+                                                                    segment=jnp.zeros((batch,), jnp.int32))
+    tail = lambda x: x[:, dummies:]
+    ref, final = nha_recurrent(tail(q), tail(k), tail(v), tail(log_alpha), window=window, scale=dk ** -0.5,
+                               rope_theta=ROPE, initial_state=state)
+    assert _rel(tail(out), ref) <= 1e-4
+    assert _rel(slot_k, final.slot_k) <= 1e-4 and _rel(slot_v, final.slot_v) <= 1e-4
+
+
+def test_bfloat16_forward_and_gradients():
+    batch, seq, heads, kv_heads, dk, dv, m, window = 1, 48, 4, 2, 32, 32, 16, 20
+    q, k, v, log_alpha, cotangent = _inputs(7, batch, seq, heads, kv_heads, dk, dv, m, jnp.bfloat16)
+    seg = _segments(batch, seq, (29,))
+
+    def loss_triton(*xs):
+        out = _triton(*xs, seg, window=window, block_size=16)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    def loss_naive(q, k, v, log_alpha):
+        up = lambda x: x.astype(jnp.float32)
+        out = nha_attention(up(q), up(k), up(v), log_alpha, window=window, rope_theta=ROPE, segment_ids=seg,
+                            impl="naive")
+        return jnp.sum(out * cotangent), out
+
+    (grads, out) = jax.grad(loss_triton, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, log_alpha)
+    (refs, ref) = jax.grad(loss_naive, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, log_alpha)
+    assert out.dtype == jnp.bfloat16
+    assert _rel(out, ref) <= 1e-2
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_alpha"), grads, refs):
+        assert _rel(g, r) <= 1e-2, name
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(k_heads=3), "multiple of kv heads"),
+    (dict(window=-1), "window"),
+    (dict(block_size=24), "block_size"),
+])
+def test_bad_input_raises_value_error(change, match):
+    q, k, v, log_alpha, _ = _inputs(8, 1, 8, 4, change.get("k_heads", 2), 16, 16, 4)
+    seg = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        _triton(q, k, v, log_alpha, seg, window=change.get("window", 2), block_size=change.get("block_size", 16))
