@@ -50,8 +50,11 @@ def main():
     for T in (2048, 4096, 8192, 16384, 32768):
         q, k, v, la, ct = make_inputs(jax.random.PRNGKey(1), 1, T)
         nha = compiled_bytes(forward_and_backward(chunked(64)), q, k, v, la, ct) / 2**20
-        dense = compiled_bytes(forward_and_backward(softmax_attention("xla")), q, k, v, la, ct) / 2**20
-        mem_rows.append((T, f"{nha:.0f}", f"{dense:.0f}"))
+        try:
+            dense = f"{compiled_bytes(forward_and_backward(softmax_attention('xla')), q, k, v, la, ct) / 2**20:.0f}"
+        except Exception as e:  # noqa: BLE001 - XLA cannot even compile dense attention this long on one GPU
+            dense = "compile fails: " + str(e).splitlines()[0][:50]
+        mem_rows.append((T, f"{nha:.0f}", dense))
         print(*mem_rows[-1], flush=True)
 
     print("\n| shape | implementation | fwd ms | fwd+bwd ms |\n|---|---|---|---|")

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.async_checkpoints = True
     config.progress_bar = True
+    config.init_params = ""  # a params checkpoint (nha_jax.convert import) to start from instead of random init
 
     config.model = ml_collections.ConfigDict()
     config.model.vocab_size = 0  # 0 = the tokenizer's vocab size; larger values pad the embedding
@@ -48,6 +49,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.chunk_size = 64
     config.model.compute_dtype = "bfloat16"
     config.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # The LLM variant of a converted Hugging Face model (nha_jax.convert, docs/CONVERT.md); defaults = plain NHA.
+    config.model.value_silu = True  # v = SiLU(W_v x); False: v = W_v x
+    config.model.output_norm = True  # y = W_o RMSNorm(SiLU(o)); False: y = W_o o
+    config.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+    config.model.norm_eps = 1e-6  # every RMSNorm's epsilon
+    config.model.tie_embeddings = False  # logits = h @ embed^T, no separate head
+    config.model.rope_scaling = ml_collections.ConfigDict(dict(  # kind "llama3" rescales RoPE as Llama-3.1 does
+        kind="none", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192))
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.peak_lr = 3e-4
@@ -58,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 0.01
     config.optimizer.clip_norm = 1.0
+    config.optimizer.frozen = ()  # regexes over parameter paths that get no updates, e.g. ("/mlp/",)
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1 = fill with the remaining devices

@@ -4,7 +4,8 @@ every 6th layer full (2048); AdamW 3e-4 (0.9, 0.95), wd 0.01, clip 1.0, warmup 1
 
 Reproduces: the paper's 1.3B NHA row (commonsense avg 52.89, recall avg 46.43, wiki ppl 16.16) in shape.
 Command: python train.py --config configs/nha_1p3b.py (plus the data overrides of configs/nha_340m.py).
-Hardware and time: a TPU v5p-64 or 4 x 8 H100 nodes for about a week; FSDP over all devices by default.
+Hardware and time: 32+ H100s or a TPU v5p-64 class slice, FSDP over all devices; not measured here (time =
+100B tokens / measured tokens/s, see bench/bench_train.py).
 Expect: wiki perplexity ~16 after 100B SlimPajama tokens; below GSA and Transformer++ at the same tokens.
 """
 from configs.common import base_config, paper_340m

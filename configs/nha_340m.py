@@ -2,12 +2,12 @@
 every 6th layer (l % 6 == 5) a full 2048 window; AdamW 3e-4, betas (0.9, 0.95), wd 0.01, clip 1.0, warmup 1024,
 cosine to 10%; 256 x 2048 tokens per step (2^19), 30720 steps = 15B tokens.
 
-Reproduces: the paper's 340M NHA run in shape (the paper trains on SlimPajama with the Llama-2 tokenizer; point
-config.data at such a corpus: docs/DATA.md). Command:
-  python train.py --config configs/nha_340m.py --config.data.tokenizer=/path/llama2/tokenizer.model \
-      --config.data.sources.pydoc.kind=prepared --config.data.sources.pydoc.path=/data/slimpajama
-Hardware and time: one 8-GPU H100 node at ~40% MFU is roughly 1.5 days for 15B tokens (see
-docs/PERFORMANCE.md for the measured single-GPU throughput); grad_accum_steps trades memory for steps.
+Reproduces: the paper's 340M NHA run in shape. The paper trains on SlimPajama with the Llama-2 tokenizer: point
+config.data at such a corpus and tokenizer (docs/DATA.md); the default data is the small embedded corpus.
+Command: python train.py --config configs/nha_340m.py --config.data.tokenizer=/path/to/tokenizer.model ...
+Hardware and time: 8 x H100 or a TPU v5p-16 class slice (FSDP over all devices). Time = 15B tokens / tokens/s;
+measured on one H100 with the XLA chunked operator (bench/bench_train.py, 2026-11-26): 26k tokens/s/GPU, 5% MFU,
+i.e. about 8 days on 8 GPUs before the Pallas kernels land. grad_accum_steps trades memory for steps.
 Expect: NHA_SPEC section 5 reports the 1.3B results; at 340M expect wikitext perplexity a little below the
 Transformer++ and GSA 340M baselines (configs/transformer_340m.py, configs/gsa_340m.py) at the same tokens.
 """

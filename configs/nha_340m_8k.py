@@ -3,8 +3,8 @@ as at 2K), the same 15B tokens (30720 steps).
 
 Reproduces: the long-context setting (RULER-style evaluation beyond 2K, NHA_SPEC section 5) with training at 8K.
 Command: python train.py --config configs/nha_340m_8k.py (plus the data overrides of configs/nha_340m.py).
-Hardware and time: 8 x H100; NHA's cost per token grows only in the 4 full layers, so expect about the 2K run's
-time plus the extra full-attention FLOPs (docs/TRAINING.md gives the count). Full remat keeps activations in memory.
+Hardware and time: 8 x H100 class; per token only the 4 full layers cost more than at 2K (docs/TRAINING.md gives
+the FLOP count); not measured here. Full remat keeps the activations in memory.
 Expect: loss at 8K close to the 2K run's; recall at 8K far above the 2K-trained baselines'.
 """
 from configs.common import base_config, paper_340m

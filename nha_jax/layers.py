@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nha_jax import ops
 from nha_jax.ops.rope import apply_rope
+from nha_jax.ops.segments import runs_and_positions
 from nha_jax.sharding import constrain
 
 
@@ -24,15 +28,20 @@ def logical_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | Non
 
 
 class Linear(nnx.Module):
-    """y = x @ W without bias; W [d_in, d_out] float32, matmul in `dtype` with float32 accumulation."""
+    """y = x @ W (+ b when use_bias); W [d_in, d_out] float32, matmul in `dtype` with float32 accumulation."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, dtype, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, dtype, init_std: float, rngs: nnx.Rngs,
+                 use_bias: bool = False):
         self.kernel = logical_param(rngs, (d_in, d_out), axes, init_std)
+        self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), out_sharding=(axes[1],), eager_sharding=False)
+                     if use_bias else None)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., d_in] -> [..., d_out] in self.dtype."""
         out = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            out = out + self.bias[...]
         return out.astype(self.dtype)
 
 
@@ -70,31 +79,66 @@ class SwiGLU(nnx.Module):
         return self.down(constrain(hidden, ("batch", "seq", "act_heads")))
 
 
+def llama3_rope_frequencies(head_dim: int, theta: float, *, factor: float, low_freq_factor: float,
+                            high_freq_factor: float, original_max_position: int) -> tuple[float, ...]:
+    """Llama-3 RoPE scaling: the head_dim / 2 inverse frequencies of base `theta`, long wavelengths divided by
+    `factor`, a smooth blend between (as Hugging Face's rope_type "llama3" computes them)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = np.where(wavelength > original_max_position / low_freq_factor, inv_freq / factor, blended)
+    scaled = np.where(wavelength < original_max_position / high_freq_factor, inv_freq, scaled)
+    return tuple(float(f) for f in scaled.astype(np.float32))
+
+
+def rotate_by_frequencies(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+    """Rotate-half RoPE with explicit inverse frequencies: x [B, T, heads, d], positions [B, T] -> float32."""
+    half = x.shape[-1] // 2
+    angles = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 class NHAAttention(nnx.Module):
     """Native Hybrid Attention layer (NHA_SPEC section 1): m gated slots + a sliding window of W tokens, one softmax.
 
     num_slots = 0 gives sliding-window attention (or causal softmax attention when window >= sequence length);
     window = 0 gives Gated Slot Attention. The gate and the state live per kv head (GQA).
+
+    The LLM variant (NHA_SPEC section 5, a converted pretrained Transformer) sets value_silu=False (v = W_v x),
+    output_norm=False (y = W_o o instead of W_o RMSNorm(SiLU(o))), qkv_bias=True for Qwen2-style biases, and
+    rope_frequencies for Llama-3 RoPE scaling (explicit inverse frequencies replacing rope_theta's).
     """
 
     def __init__(self, d_model: int, *, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
                  num_slots: int, window: int, gate_temperature: float, rope_theta: float, impl: str,
-                 chunk_size: int, dtype, init_std: float, rngs: nnx.Rngs):
+                 chunk_size: int, dtype, init_std: float, rngs: nnx.Rngs, value_silu: bool = True,
+                 output_norm: bool = True, qkv_bias: bool = False, norm_eps: float = 1e-6,
+                 rope_frequencies: tuple[float, ...] | None = None):
         if num_heads % num_kv_heads:
             raise ValueError(f"model.num_heads={num_heads} must be a multiple of model.num_kv_heads={num_kv_heads}.")
+        if rope_frequencies is not None and num_slots:
+            # The operator rotates with rope_theta inside, after the slots read the un-rotated keys; scaled
+            # frequencies can only be applied outside it, which is exact only when there are no slots.
+            raise ValueError(f"model.rope_scaling needs model.num_slots=0 (got {num_slots}): the NHA operator takes "
+                             "only a RoPE base. Convert without slots, or drop the RoPE scaling.")
+        self.value_silu, self.rope_frequencies = value_silu, rope_frequencies
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim, self.num_slots = head_dim, v_head_dim, num_slots
         self.window, self.gate_temperature, self.rope_theta = window, gate_temperature, rope_theta
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
 
-        def proj(d_out):
-            return Linear(d_model, d_out, ("embed", "heads"), dtype=dtype, init_std=init_std, rngs=rngs)
+        def proj(d_out, use_bias=False):
+            return Linear(d_model, d_out, ("embed", "heads"), dtype=dtype, init_std=init_std, rngs=rngs,
+                          use_bias=use_bias)
 
-        self.q_proj = proj(num_heads * head_dim)
-        self.k_proj = proj(num_kv_heads * head_dim)
-        self.v_proj = proj(num_kv_heads * v_head_dim)
+        self.q_proj = proj(num_heads * head_dim, qkv_bias)
+        self.k_proj = proj(num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = proj(num_kv_heads * v_head_dim, qkv_bias)
         self.gate_proj = proj(num_kv_heads * num_slots) if num_slots else None
-        self.out_norm = RMSNorm(num_heads * v_head_dim)
+        self.out_norm = RMSNorm(num_heads * v_head_dim, eps=norm_eps) if output_norm else None
         self.o_proj = Linear(num_heads * v_head_dim, d_model, ("heads", "embed"), dtype=dtype, init_std=init_std,
                              rngs=rngs)
 
@@ -107,7 +151,8 @@ class NHAAttention(nnx.Module):
 
         q = heads(self.q_proj(x), self.num_heads, self.head_dim)
         k = heads(self.k_proj(x), self.num_kv_heads, self.head_dim)
-        v = heads(jax.nn.silu(self.v_proj(x)), self.num_kv_heads, self.v_head_dim)
+        v = self.v_proj(x)
+        v = heads(jax.nn.silu(v) if self.value_silu else v, self.num_kv_heads, self.v_head_dim)
         if self.gate_proj is None:
             log_alpha = jnp.zeros((batch, seq, self.num_kv_heads, 0), jnp.float32)
         else:
@@ -120,10 +165,24 @@ class NHAAttention(nnx.Module):
         """x [B, T, D], segment_ids [B, T] int (None = one document per row) -> [B, T, D]."""
         batch, seq = x.shape[:2]
         q, k, v, log_alpha = self.project(x)
-        out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=self.rope_theta,
+        rope_theta = self.rope_theta
+        if self.rope_frequencies is not None:
+            q, k = self.rotate_scaled(q, k, segment_ids)
+            rope_theta = None
+        out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=rope_theta,
                                 segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
         out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
-        return self.o_proj(self.out_norm(jax.nn.silu(out)))
+        if self.out_norm is not None:
+            out = self.out_norm(jax.nn.silu(out))
+        return self.o_proj(out)
+
+    def rotate_scaled(self, q: jax.Array, k: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """RoPE with self.rope_frequencies at per-document positions: q [B,T,H,dk], k [B,T,Hkv,dk], same dtypes."""
+        batch, seq = q.shape[:2]
+        segments = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+        _, positions = runs_and_positions(segments, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+        return (rotate_by_frequencies(q, positions, self.rope_frequencies).astype(q.dtype),
+                rotate_by_frequencies(k, positions, self.rope_frequencies).astype(k.dtype))
 
 
 def long_term_share(q: jax.Array, k: jax.Array, log_alpha: jax.Array, *, window: int, rope_theta: float

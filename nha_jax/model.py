@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nha_jax.layers import NHAAttention, RMSNorm, SwiGLU, logical_param, long_term_share, mlp_hidden_size
+from nha_jax.layers import (NHAAttention, RMSNorm, SwiGLU, llama3_rope_frequencies, logical_param, long_term_share,
+                            mlp_hidden_size)
 from nha_jax.sharding import constrain
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -23,6 +24,29 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# The LLM-variant keys (a converted Hugging Face model, nha_jax.convert); these defaults are the NHA of NHA_SPEC
+# section 1, so configs written before the keys existed build the same model.
+LLM_VARIANT_DEFAULTS = {"value_silu": True, "output_norm": True, "qkv_bias": False, "norm_eps": 1e-6,
+                        "tie_embeddings": False}
+
+
+def variant_option(model_cfg: ml_collections.ConfigDict, key: str):
+    """model_cfg[key], or its LLM_VARIANT_DEFAULTS value when the config predates the key."""
+    return model_cfg.get(key, LLM_VARIANT_DEFAULTS[key])
+
+
+def rope_frequencies(model_cfg: ml_collections.ConfigDict) -> tuple[float, ...] | None:
+    """Inverse RoPE frequencies when model.rope_scaling.kind is "llama3", else None (plain RoPE of rope_theta)."""
+    scaling = model_cfg.get("rope_scaling", None)
+    if scaling is None or scaling.kind == "none":
+        return None
+    if scaling.kind != "llama3":
+        raise ValueError(f"model.rope_scaling.kind={scaling.kind!r} is not supported; use 'none' or 'llama3'.")
+    return llama3_rope_frequencies(model_cfg.head_dim, model_cfg.rope_theta, factor=scaling.factor,
+                                   low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                                   original_max_position=scaling.original_max_position)
 
 
 def layer_windows(model_cfg: ml_collections.ConfigDict, seq_len: int) -> list[int]:
@@ -52,13 +76,16 @@ class Block(nnx.Module):
     def __init__(self, model_cfg: ml_collections.ConfigDict, window: int, *, rngs: nnx.Rngs):
         dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
         width, std = model_cfg.d_model, model_cfg.init_std
-        self.attn_norm = RMSNorm(width)
+        eps = variant_option(model_cfg, "norm_eps")
+        self.attn_norm = RMSNorm(width, eps=eps)
         self.attn = NHAAttention(
             width, num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
             v_head_dim=model_cfg.v_head_dim, num_slots=model_cfg.num_slots, window=window,
             gate_temperature=model_cfg.gate_temperature, rope_theta=model_cfg.rope_theta,
-            impl=model_cfg.attention_impl, chunk_size=model_cfg.chunk_size, dtype=dtype, init_std=std, rngs=rngs)
-        self.mlp_norm = RMSNorm(width)
+            impl=model_cfg.attention_impl, chunk_size=model_cfg.chunk_size, dtype=dtype, init_std=std, rngs=rngs,
+            value_silu=variant_option(model_cfg, "value_silu"), output_norm=variant_option(model_cfg, "output_norm"),
+            qkv_bias=variant_option(model_cfg, "qkv_bias"), norm_eps=eps, rope_frequencies=rope_frequencies(model_cfg))
+        self.mlp_norm = RMSNorm(width, eps=eps)
         hidden = model_cfg.mlp_hidden or mlp_hidden_size(width)
         self.mlp = SwiGLU(width, hidden, dtype=dtype, init_std=std, rngs=rngs)
 
@@ -71,7 +98,10 @@ class Block(nnx.Module):
 
 
 class LanguageModel(nnx.Module):
-    """Decoder-only LM. __call__(tokens [B,T] int, segment_ids [B,T] int | None) -> logits [B,T,V] float32."""
+    """Decoder-only LM. __call__(tokens [B,T] int, segment_ids [B,T] int | None) -> logits [B,T,V] float32.
+
+    model.tie_embeddings=True reads logits off the embedding table (head = embed^T) and has no head parameter.
+    """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, *, seq_len: int, rngs: nnx.Rngs):
         self.windows = tuple(layer_windows(model_cfg, seq_len))
@@ -80,8 +110,9 @@ class LanguageModel(nnx.Module):
         width, vocab = model_cfg.d_model, model_cfg.vocab_size
         self.embed = logical_param(rngs, (vocab, width), ("vocab", "embed"), model_cfg.init_std)
         self.blocks = nnx.List([Block(model_cfg, window, rngs=rngs) for window in self.windows])
-        self.final_norm = RMSNorm(width)
-        self.head = logical_param(rngs, (width, vocab), ("embed", "vocab"), model_cfg.init_std)
+        self.final_norm = RMSNorm(width, eps=variant_option(model_cfg, "norm_eps"))
+        self.head = (None if variant_option(model_cfg, "tie_embeddings")
+                     else logical_param(rngs, (width, vocab), ("embed", "vocab"), model_cfg.init_std))
 
     def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """tokens [B, T] -> final-normed hidden states [B, T, D] in the compute dtype."""
@@ -96,7 +127,8 @@ class LanguageModel(nnx.Module):
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens [B, T] int, segment_ids [B, T] int (None = one document per row) -> logits [B, T, V] float32."""
         h = self.hidden_states(tokens, segment_ids)
-        logits = jnp.dot(h, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        head = self.embed[...].T if self.head is None else self.head[...]
+        logits = jnp.dot(h, head.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
     def long_term_shares(self, tokens: jax.Array) -> jax.Array:

@@ -40,17 +40,19 @@ from jax.experimental.pallas import tpu as pltpu
 # Finite "minus infinity" for masked logits: a fully masked row then gives zeros, never NaN.
 _MASKED = -1e30
 
-# Query/key chunk length per (largest head dim) class. Fixed, not searched at run time: 64 keeps the in-chunk gate
-# exponents bounded (see the module docstring) and the per-step VMEM small at d = 256; untuned on hardware.
-_CHUNK_BY_HEAD_DIM = ((128, 64), (256, 64))
+# Query/key chunk length per (largest head dim) class, (head dim bound, chunk): fixed, not searched at run time.
+# 64 keeps the in-chunk gate exponents bounded (see the module docstring) and VMEM per grid step small up to
+# d = 256 (compile-tested); larger head dims (not compile-tested) halve it. Untuned on hardware.
+_CHUNK_BY_HEAD_DIM = ((256, 64),)
+_CHUNK_FOR_LARGER_HEADS = 32
 
 
 def default_chunk_size(head_dim):
     """The chunk length the launcher uses for a head dim (the largest of dk, dv)."""
-    for limit, chunk in _CHUNK_BY_HEAD_DIM:
-        if head_dim <= limit:
+    for bound, chunk in _CHUNK_BY_HEAD_DIM:
+        if head_dim <= bound:
             return chunk
-    return 32
+    return _CHUNK_FOR_LARGER_HEADS
 
 
 # ----------------------------------------------------------------------------------------------------------------

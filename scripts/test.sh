@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets everything up in .venv (idempotent) and runs the test suite on the CPU.
+# Sets everything up in .venv (idempotent) and runs the whole test suite on the CPU, Pallas kernels in interpret
+# mode and TPU kernels and train steps compiled ahead of time with the real TPU compiler (the tpu-aot extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test,data]"
+.venv/bin/python -m pip install -q -e ".[test,data,tpu-aot]"
 export JAX_PLATFORMS=cpu
+export ALLOW_MULTIPLE_LIBTPU_LOAD=1  # libtpu takes a lock per process; pytest-xdist runs two
 exec .venv/bin/python -m pytest -n 2 "$@"

@@ -4,6 +4,8 @@ The kernels take run ids and per-run positions (the dispatch's renumbering); the
 own `runs_and_positions` and compare with `nha_attention(impl="naive" | "recurrent")` on the user-level ids.
 Chunk 16 keeps the shapes small while still covering several chunks and every window regime.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -178,6 +180,30 @@ def test_no_races_under_the_tpu_interpreter(monkeypatch):
     _, want = _outputs_and_grads(naive, args, cotangent)
     for g, r in zip(grads, want):
         assert _max_rel(g, r) <= 1e-4
+
+
+def test_dispatch_carries_state_across_calls_like_chunked():
+    """Through nha_attention(impl="pallas_tpu"): the dispatch prepends the carried window and passes the slots;
+    two calls with documents crossing the cut match the chunked path, outputs and final state."""
+    B, T, H, Hkv, dk, dv, m, window = 2, 30, 2, 1, 16, 8, 4, 6
+    q, k, v, log_alpha, _ = _inputs(6, B, 2 * T, H, Hkv, dk, dv, m, jnp.float32)
+    t = jnp.arange(2 * T)
+    segment_ids = jnp.stack([(t >= 25).astype(jnp.int32), (t >= 40).astype(jnp.int32)])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def two_calls(impl):
+        halves = lambda x: (x[:, :T], x[:, T:])
+        (q1, q2), (k1, k2), (v1, v2), (a1, a2), (s1, s2) = map(halves, (q, k, v, log_alpha, segment_ids))
+        out1, state = nha_attention(q1, k1, v1, a1, window=window, segment_ids=s1, return_state=True, impl=impl)
+        out2, state = nha_attention(q2, k2, v2, a2, window=window, segment_ids=s2, initial_state=state,
+                                    return_state=True, impl=impl)
+        return jnp.concatenate([out1, out2], axis=1), state
+
+    (out, state), (out_want, state_want) = two_calls("pallas_tpu"), two_calls("chunked")
+    assert _max_rel(out, out_want) <= 1e-4
+    for name in ("slot_k", "slot_v", "ring_k", "ring_v", "ring_log_alpha"):
+        assert _max_rel(getattr(state, name), getattr(state_want, name)) <= 1e-4, name
+    assert jnp.array_equal(state.ring_pos, state_want.ring_pos)
 
 
 def test_race_detector_flags_a_racy_kernel():

@@ -17,6 +17,9 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+# Several processes load libtpu at once under pytest-xdist (and other engineers' compile tests): without this,
+# libtpu's lockfile lets only the first one in ("Internal error when accessing libtpu multi-process lockfile").
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 pytest.importorskip("libtpu", reason="needs the tpu-aot extra: pip install -e '.[tpu-aot]'")
 from jax.experimental import topologies  # noqa: E402
 

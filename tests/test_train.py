@@ -85,8 +85,10 @@ REAL_TRAIN_ITERATOR = data.build_train_iterator
 
 
 def record_batches(monkeypatch, log, sigterm_at=None):
-    monkeypatch.setattr(data, "build_train_iterator",
-                        lambda *args, **kwargs: RecordingIterator(REAL_TRAIN_ITERATOR(*args, **kwargs), log, sigterm_at))
+    def recording(*args, **kwargs):
+        return RecordingIterator(REAL_TRAIN_ITERATOR(*args, **kwargs), log, sigterm_at)
+
+    monkeypatch.setattr(data, "build_train_iterator", recording)
 
 
 def test_default_config_learns(tmp_path):
@@ -176,8 +178,8 @@ def test_sigterm_to_the_cli_saves_and_exits_0(tmp_path):
                  "--config.seq_len=32", "--config.global_batch_size=2", "--config.model.num_layers=1",
                  "--config.model.block_size=0", "--config.progress_bar=false"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "default.py"),
-                                *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "default.py"), *overrides]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -10,6 +10,21 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 
+def save_params(path: str, params) -> None:
+    """Writes a params tree (e.g. nnx.state(model, nnx.Param)) to the new directory `path`, for config.init_params."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).absolute(), params)
+
+
+def restore_params(path: str, abstract_params):
+    """Reads a save_params directory into the shapes, dtypes and shardings of `abstract_params`."""
+    if not Path(path).is_dir():
+        raise ValueError(f"config.init_params={path}: no such directory; write one with "
+                         "`python -m nha_jax.convert import`.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute(), abstract_params)
+
+
 class Checkpointer:
     """Keep-last-k checkpoints under <workdir>/checkpoints, one numbered directory per step."""
 

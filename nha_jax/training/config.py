@@ -123,6 +123,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(model.num_slots > 0 or min(windows) > 0, "model.windows",
              "a layer with window 0 and model.num_slots=0 attends to nothing; give it a window or slots.")
 
+    init_params = config.get("init_params")
+    _require(not init_params or Path(init_params).is_dir(), "init_params",
+             f"{init_params!r} is no directory; write one with `python -m nha_jax.convert import`, or set it to ''.")
+
     opt = config.optimizer
     _require(opt.peak_lr > 0, "optimizer.peak_lr", f"must be > 0, got {opt.peak_lr}.")
     _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {opt.warmup_steps}.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 
 import jax
 import ml_collections
@@ -20,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nha_jax import data
 from nha_jax.model import layer_windows
 from nha_jax.sharding import logical_to_mesh_spec, make_mesh
-from nha_jax.training.checkpoint import Checkpointer
+from nha_jax.training.checkpoint import Checkpointer, restore_params
 from nha_jax.training.config import validate, validate_for_devices
 from nha_jax.training.metrics import (MetricsWriter, Throughput, peak_flops_per_device, progress_bar,
                                       train_flops_per_token)
@@ -112,6 +111,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
         if start_step is None:
             start_step = 0
             state = jax.jit(layout.init_fn, out_shardings=layout.shardings)(jax.random.PRNGKey(config.seed))
+            if config.get("init_params"):  # converted weights; the fresh optimizer moments do not depend on params
+                state["params"] = restore_params(config.init_params, layout.abstract_with_shardings()["params"])
         else:
             state, data_state = checkpointer.restore(start_step, layout.abstract_with_shardings())
             train_iter.set_state(data_state)

@@ -50,8 +50,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     """Returns train_step(state, batch) -> (state, metrics), to be wrapped in jax.jit by the caller.
 
     state: {"params", "opt_state", "step", "rng"}; rng is the run's base key (stochastic layers, if any are added,
-    draw fold_in(rng, step)), carried so that a resumed run has the same randomness. The gradient is of the mean loss over every loss token of the
-    whole global batch (summed over microbatches, then divided once), so accumulation does not change it.
+    draw fold_in(rng, step)), carried so that a resumed run has the same randomness.
+    The gradient is of the mean loss over every loss token of the whole global batch (summed over microbatches,
+    then divided once), so accumulation does not change it.
     metrics: loss, grad_norm (before clipping), learning_rate (the one this update used), loss_tokens.
     """
     grad_fn = jax.value_and_grad(loss_sum_and_count, has_aux=True)
