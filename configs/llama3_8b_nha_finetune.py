@@ -10,12 +10,13 @@ Reproduces: the paper's Llama-3-8B hybridization in shape (10B tokens; here 2^19
 Commands (docs/CONVERT.md):
   python -m nha_jax.convert import /models/Meta-Llama-3-8B converted/llama3_8b_nha --num-slots 64 --window 32 \
       --block-size 8 --full-idx 7
-  python train.py --config configs/llama3_8b_nha_finetune.py --config.data.tokenizer=/models/Meta-Llama-3-8B/tokenizer.json \
-      --config.data.sources.pydoc.kind=prepared --config.data.sources.pydoc.path=/data/slimpajama_llama3
+  python train.py --config configs/llama3_8b_nha_finetune.py \
+      --config.data.tokenizer=/models/Meta-Llama-3-8B/tokenizer.json --config.data.sources.pydoc.kind=prepared \
+      --config.data.sources.pydoc.path=/data/slimpajama_llama3
 The model keys below must equal the converted folder's nha_model.json (the restore names any mismatched tensor).
 Hardware and time: float32 params (32 GB) + gradients (32 GB) + AdamW moments (64 GB; the frozen ones stay zero
-but are allocated) is ~130 GB before activations: an 8 x H100 node, fsdp over all devices. 6 * 8e9 * 1e10 = 4.8e20 FLOPs is about two
-days at 35% MFU on 8 H100s (an estimate, not measured).
+but are allocated) is ~130 GB before activations: an 8 x H100 node, fsdp over all devices. 6 * 8e9 * 1e10 =
+4.8e20 FLOPs is about two days at 35% MFU on 8 H100s (an estimate, not measured).
 Expect: NHA_SPEC section 5 reports commonsense 70.31 / recall 57.64 against Llama-3-8B's 71.30 / 60.08.
 """
 from configs.common import base_config

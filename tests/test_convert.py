@@ -4,6 +4,7 @@ With every layer full and no slots, nha-jax is the host Transformer: logits matc
 export round-trips every tensor bitwise and transformers loads the result; bad checkpoints fail by name; a
 converted hybrid finetunes through the trainer with the FFN frozen.
 """
+import copy
 import json
 import shutil
 import sys
@@ -27,6 +28,7 @@ from nha_jax.model import LanguageModel  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ lives at the repo root, outside the installed package
 from nha_jax.training import train  # noqa: E402
+from nha_jax.training.checkpoint import save_params  # noqa: E402
 from nha_jax.training.config import load_config_file  # noqa: E402
 
 VOCAB = 384  # covers the byte tokenizer's 259 ids, so the trainer runs the converted model on the embedded corpus
@@ -71,7 +73,7 @@ def nha_logits(model_cfg, params, tokens, segment_ids=None) -> np.ndarray:
 
 def hf_logits(model, tokens) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
 
 
 def transformer_config(folder: Path, **changes):
@@ -120,11 +122,20 @@ def test_hybrid_gates_come_from_k_proj_rows(hf_models):
                                           k_weight[kv_head * head_dim + slot % head_dim])
 
 
-def test_import_export_round_trip_is_bitwise_and_loads_in_transformers(hf_models, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_import_export_round_trip_is_bitwise_and_loads_in_transformers(hf_models, tmp_path, dtype):
     folder, model = hf_models["qwen2"]
+    if dtype != torch.float32:  # a checkpoint stored in bfloat16 goes through float32 params and back exactly
+        folder = tmp_path / "source"
+        copy.deepcopy(model).to(dtype).save_pretrained(folder)
     assert convert_cli(["import", str(folder), str(tmp_path / "nha"), "--num-slots", "8", "--window", "4",
                         "--block-size", "2", "--full-idx", "1"]) == 0
-    export_checkpoint(tmp_path / "nha", tmp_path / "hf", shard_bytes=100_000)  # small shards: exercises the index
+    # Finetuning changes the gates, which transformers has no place for: they travel in nha_gates.safetensors.
+    trained = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1.0 if "gate_proj" in jax.tree_util.keystr(path) else x, load_params(tmp_path / "nha"))
+    save_params(str(tmp_path / "trained"), trained)
+    export_checkpoint(tmp_path / "nha", tmp_path / "hf", params_dir=tmp_path / "trained",
+                      shard_bytes=100_000)  # small shards: exercises the index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
 
     original = load_file(str(folder / "model.safetensors"))
@@ -135,15 +146,17 @@ def test_import_export_round_trip_is_bitwise_and_loads_in_transformers(hf_models
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and np.array_equal(exported[name], tensor), name
 
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    # Loaded the same way, the export and its source are the same model.
+    reloaded, source = (transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+                        for path in (tmp_path / "hf", folder))
+    assert type(reloaded) is type(model)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (1, SEQ))
-    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(source, tokens))
 
-    # Re-importing the export keeps the hybrid's gates (nha_gates.safetensors), so the params round-trip too.
+    # Re-importing the export takes the trained gates instead of fresh k_proj rows: every param round-trips.
     assert convert_cli(["import", str(tmp_path / "hf"), str(tmp_path / "nha2"), "--num-slots", "8", "--window", "4",
                         "--block-size", "2", "--full-idx", "1"]) == 0
-    first, second = load_params(tmp_path / "nha"), load_params(tmp_path / "nha2")
-    jax.tree.map(np.testing.assert_array_equal, first, second)
+    jax.tree.map(np.testing.assert_array_equal, load_params(tmp_path / "nha2"), trained)
 
 
 def test_bad_checkpoints_fail_naming_the_problem(hf_models, tmp_path, capsys):

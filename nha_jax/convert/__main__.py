@@ -45,6 +45,7 @@ def main(argv=None) -> int:
             model_cfg = import_checkpoint(args.hf_dir, args.out_dir, num_slots=args.num_slots, window=args.window,
                                           block_size=args.block_size, full_idx=args.full_idx,
                                           compute_dtype=args.compute_dtype)
+            # Full layers get the training seq_len, unknown here: any length above the small window marks them.
             windows = layer_windows(model_cfg, seq_len=model_cfg.window + 1)
             full = [layer for layer, w in enumerate(windows) if w > model_cfg.window]
             print(f"imported {args.hf_dir} -> {args.out_dir}: {model_cfg.num_layers} layers, full layers {full}, "

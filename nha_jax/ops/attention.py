@@ -98,13 +98,20 @@ def _kernel_call(impl, q, k, v, log_alpha, runs, positions, state, ring_runs, co
     """
     del chunk_size
     kernel, platform = pallas_kernels.get_kernel(impl)
-    backend = jax.default_backend()
+    # Under a mesh the program is for the mesh's devices, which need not be the default backend's (ahead-of-time
+    # compilation for a TPU topology on a CPU host: nha_jax.aot).
+    mesh_device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    backend = jax.default_backend() if mesh_device is None else mesh_device.platform
     if backend not in (platform, "cpu"):
         raise ValueError(f"impl={impl!r} runs on {platform} (or interpreted on cpu), not on {backend}; "
                          f"use impl='auto'.")
+
+    def run_kernel(*args, **kwargs):
+        return kernel(*args, window=window, scale=scale, rope_theta=rope_theta, interpret=backend == "cpu", **kwargs)
+
     if not stateful:
-        out = kernel(q, k, v, log_alpha, runs, positions, window=window, scale=scale, rope_theta=rope_theta,
-                     interpret=backend == "cpu")
+        out = _on_context_mesh(run_kernel, (q, k, v, log_alpha, runs, positions),
+                               ("tokens",) * 4 + ("rows",) * 2, "tokens")
         return out, (None,) * 7
     W = window
     with_ring = lambda ring, x: jnp.concatenate([ring.astype(x.dtype), x], axis=1)
@@ -114,13 +121,54 @@ def _kernel_call(impl, q, k, v, log_alpha, runs, positions, state, ring_runs, co
     runs_ext, pos_ext = with_ring(ring_runs, runs), with_ring(jnp.maximum(state.ring_pos, 0), positions)
     slot_k0 = jnp.where(continues[:, None, None, None], state.slot_k, 0.0)
     slot_v0 = jnp.where(continues[:, None, None, None], state.slot_v, 0.0)
-    out, slot_k, slot_v = kernel(q_ext, k_ext, v_ext, la_ext, runs_ext, pos_ext, slot_k0, slot_v0, window=window,
-                                 scale=scale, rope_theta=rope_theta, return_slots=True, interpret=backend == "cpu")
+    out, slot_k, slot_v = _on_context_mesh(
+        lambda *args: run_kernel(*args, return_slots=True),
+        (q_ext, k_ext, v_ext, la_ext, runs_ext, pos_ext, slot_k0, slot_v0),
+        ("tokens",) * 4 + ("rows",) * 2 + ("slots",) * 2, ("tokens", "slots", "slots"))
     last = lambda x: x[:, x.shape[1] - W:]
     ring_pos = jnp.where(last(runs_ext) >= 0, last(pos_ext), -1)
     ring = (last(k_ext).astype(state.ring_k.dtype), last(v_ext).astype(state.ring_v.dtype), last(la_ext),
             last(runs_ext), ring_pos)
     return out[:, W:], (slot_k, slot_v) + ring
+
+
+def _on_context_mesh(call, args, in_layouts, out_layouts):
+    """call(*args), inside jax.shard_map when a mesh is in context (jax.set_mesh / jax.sharding.use_mesh).
+
+    Pallas kernels are custom calls that XLA's partitioner cannot split (Mosaic refuses to be partitioned), so
+    under a mesh every device runs the kernel on its own rows and heads: batch over the mesh's "data" and "fsdp"
+    axes, heads over "tensor". Axes the mesh lacks, or that are already manual (inside a shard_map), are left out;
+    any other axis replicates. Layouts name each array's shape: "tokens" [B, T, heads, d], "rows" [B, T],
+    "slots" [B, Hkv, m, d]; out_layouts is one layout or a tuple matching call's outputs.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    free = [] if mesh.empty else [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                                  if kind != jax.sharding.AxisType.Manual]
+    batch_axes = tuple(name for name in ("data", "fsdp") if name in free)
+    head_axis = "tensor" if "tensor" in free else None
+    if not batch_axes and head_axis is None:
+        return call(*args)
+    batch_shards = 1
+    for name in batch_axes:
+        batch_shards *= mesh.shape[name]
+    tensor = mesh.shape[head_axis] if head_axis else 1
+    head_dim_of = {"tokens": 2, "rows": None, "slots": 1}
+    for x, layout in zip(args, in_layouts):
+        if x.shape[0] % batch_shards:
+            raise ValueError(f"batch B={x.shape[0]} must divide over the mesh's {'*'.join(batch_axes)} = "
+                             f"{batch_shards} devices for the Pallas kernels; change the batch or the mesh.")
+        heads = None if head_dim_of[layout] is None else x.shape[head_dim_of[layout]]
+        if heads is not None and heads % tensor:
+            raise ValueError(f"the Pallas kernels split heads over the mesh's 'tensor' axis ({tensor} devices), but "
+                             f"an input has {heads} heads (q and kv heads must both divide); set mesh.tensor to a "
+                             f"divisor of num_kv_heads.")
+    spec = {"tokens": jax.sharding.PartitionSpec(batch_axes, None, head_axis, None),
+            "rows": jax.sharding.PartitionSpec(batch_axes, None),
+            "slots": jax.sharding.PartitionSpec(batch_axes, head_axis, None, None)}
+    out_specs = spec[out_layouts] if isinstance(out_layouts, str) else tuple(spec[name] for name in out_layouts)
+    # check_vma=False: pallas_call carries no varying-manual-axes rule for its outputs.
+    return jax.shard_map(call, mesh=mesh, in_specs=tuple(spec[name] for name in in_layouts), out_specs=out_specs,
+                         check_vma=False)(*args)
 
 
 def _check_args(q, k, v, log_alpha, window, scale, rope_theta, segment_ids, initial_state, impl, chunk_size):
