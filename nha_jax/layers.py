@@ -17,7 +17,6 @@ from flax import nnx
 
 from nha_jax import ops
 from nha_jax.ops.rope import apply_rope
-from nha_jax.ops.segments import runs_and_positions
 from nha_jax.sharding import constrain
 
 
@@ -92,15 +91,6 @@ def llama3_rope_frequencies(head_dim: int, theta: float, *, factor: float, low_f
     return tuple(float(f) for f in scaled.astype(np.float32))
 
 
-def rotate_by_frequencies(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
-    """Rotate-half RoPE with explicit inverse frequencies: x [B, T, heads, d], positions [B, T] -> float32."""
-    half = x.shape[-1] // 2
-    angles = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(inv_freq, jnp.float32)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 class NHAAttention(nnx.Module):
     """Native Hybrid Attention layer (NHA_SPEC section 1): m gated slots + a sliding window of W tokens, one softmax.
 
@@ -119,15 +109,12 @@ class NHAAttention(nnx.Module):
                  rope_frequencies: tuple[float, ...] | None = None):
         if num_heads % num_kv_heads:
             raise ValueError(f"model.num_heads={num_heads} must be a multiple of model.num_kv_heads={num_kv_heads}.")
-        if rope_frequencies is not None and num_slots:
-            # The operator rotates with rope_theta inside, after the slots read the un-rotated keys; scaled
-            # frequencies can only be applied outside it, which is exact only when there are no slots.
-            raise ValueError(f"model.rope_scaling needs model.num_slots=0 (got {num_slots}): the NHA operator takes "
-                             "only a RoPE base. Convert without slots, or drop the RoPE scaling.")
-        self.value_silu, self.rope_frequencies = value_silu, rope_frequencies
+        self.value_silu = value_silu
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim, self.num_slots = head_dim, v_head_dim, num_slots
-        self.window, self.gate_temperature, self.rope_theta = window, gate_temperature, rope_theta
+        self.window, self.gate_temperature = window, gate_temperature
+        # The operator takes a RoPE base or the inverse frequencies themselves, and rotates the window branch only.
+        self.rope_theta = rope_frequencies if rope_frequencies is not None else rope_theta
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
 
         def proj(d_out, use_bias=False):
@@ -165,24 +152,12 @@ class NHAAttention(nnx.Module):
         """x [B, T, D], segment_ids [B, T] int (None = one document per row) -> [B, T, D]."""
         batch, seq = x.shape[:2]
         q, k, v, log_alpha = self.project(x)
-        rope_theta = self.rope_theta
-        if self.rope_frequencies is not None:
-            q, k = self.rotate_scaled(q, k, segment_ids)
-            rope_theta = None
-        out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=rope_theta,
+        out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=self.rope_theta,
                                 segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
         out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
         if self.out_norm is not None:
             out = self.out_norm(jax.nn.silu(out))
         return self.o_proj(out)
-
-    def rotate_scaled(self, q: jax.Array, k: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """RoPE with self.rope_frequencies at per-document positions: q [B,T,H,dk], k [B,T,Hkv,dk], same dtypes."""
-        batch, seq = q.shape[:2]
-        segments = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
-        _, positions = runs_and_positions(segments, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-        return (rotate_by_frequencies(q, positions, self.rope_frequencies).astype(q.dtype),
-                rotate_by_frequencies(k, positions, self.rope_frequencies).astype(k.dtype))
 
 
 def long_term_share(q: jax.Array, k: jax.Array, log_alpha: jax.Array, *, window: int, rope_theta: float

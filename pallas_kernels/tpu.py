@@ -505,7 +505,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _rope(x, positions, theta):
     """Rotate-half RoPE. x [B, T, heads, d], positions int [B, T] -> float32 [B, T, heads, d]."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    # theta: a base, or a tuple of the d/2 inverse frequencies themselves (scaled RoPE).
+    inv_freq = jnp.asarray(theta, jnp.float32) if isinstance(theta, tuple) else theta ** (
+        -jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x = x.astype(jnp.float32)

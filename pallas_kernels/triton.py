@@ -390,7 +390,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _rope(x, positions, theta):
     """Rotate-half RoPE of x [B, T, heads, d] at positions [B, T], computed in float32."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    # theta: a base, or a tuple of the d/2 inverse frequencies themselves (scaled RoPE).
+    freqs = jnp.asarray(theta, jnp.float32) if isinstance(theta, tuple) else theta ** (
+        -jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[:, :, None, None] * freqs
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)

@@ -26,7 +26,8 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
       window: int >= 0, tokens in the window counting the current one. 0 = Gated Slot Attention; >= T = causal
         softmax attention plus m sink slots. window = 0 with m = 0 is an error.
       scale: logit scale for both branches, default dk ** -0.5.
-      rope_theta: RoPE base for the window logits (the slot branch never rotates); None turns RoPE off.
+      rope_theta: RoPE base for the window logits (the slot branch never rotates); or a tuple of the dk/2 inverse
+        frequencies (scaled RoPE, e.g. Llama-3's); None turns RoPE off.
       segment_ids: int [B, T] or None. Packed documents: nothing crosses a change of id; slots, window and RoPE
         positions restart at each document start.
       initial_state: an NHAState (window W entries) to continue from. The first document of this call continues it
@@ -44,7 +45,7 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
     if impl == "auto":
         impl = _auto_impl()
         if (impl == "pallas_triton" and m == 0 and window >= T and dv == dk and not stateful
-                and segment_ids is None):
+                and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)):
             # No slots and a window over everything is plain causal attention: cuDNN's flash attention runs it.
             return causal_softmax_attention(q, k, v, scale=scale, rope_theta=rope_theta, implementation="cudnn")
     if impl == "naive":
@@ -193,8 +194,13 @@ def _check_args(q, k, v, log_alpha, window, scale, rope_theta, segment_ids, init
     if scale is not None and not float(scale) > 0:
         raise ValueError(f"scale must be > 0 (or None for dk ** -0.5); got {scale!r}.")
     if rope_theta is not None:
-        if not float(rope_theta) > 0:
-            raise ValueError(f"rope_theta must be > 0, or None to turn RoPE off; got {rope_theta!r}.")
+        if isinstance(rope_theta, tuple):
+            if len(rope_theta) != dk // 2 or not all(float(f) > 0 for f in rope_theta):
+                raise ValueError(f"rope_theta as a tuple must hold dk/2 = {dk // 2} positive inverse frequencies; "
+                                 f"got {len(rope_theta)} values.")
+        elif not float(rope_theta) > 0:
+            raise ValueError(f"rope_theta must be > 0, a tuple of dk/2 inverse frequencies, or None to turn RoPE "
+                             f"off; got {rope_theta!r}.")
         if dk % 2:
             raise ValueError(f"RoPE needs an even head dim; got dk={dk}. Pass rope_theta=None or use an even dk.")
     if segment_ids is not None:
