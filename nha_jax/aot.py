@@ -77,8 +77,9 @@ def _failure_hint(message: str) -> str:
     return "see the compiler's message above; try a smaller batch, another mesh or other kernel block sizes."
 
 
-def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_days: float) -> dict:
-    """Lowers and compiles the trainer's jitted train step for `topology`; returns the report dict.
+def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_days: float, report: dict) -> None:
+    """Lowers and compiles the trainer's jitted train step for `topology`, filling `report` as it goes (so that a
+    refused compile still reports the mesh, sizes and FLOPs known before it).
 
     Raises ConfigError for bad arguments; any other exception is the compiler (or tracing) refusing the program.
     """
@@ -101,10 +102,21 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_
              for name in ("inputs", "targets", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct(rows, jax.numpy.float32, sharding=batch_sharding)
 
-    report = {"topology": topology, "compiled": False, "devices": len(devices), "hosts": hosts,
-              "device_kind": devices[0].device_kind, "mesh": dict(zip(mesh.axis_names, mesh_shape)),
-              "params": count_params(layout.abstract_state["params"]), "global_batch_size": config.global_batch_size,
-              "seq_len": config.seq_len, "grad_accum_steps": config.grad_accum_steps, "remat": config.model.remat}
+    report.update(devices=len(devices), hosts=hosts, device_kind=devices[0].device_kind,
+                  mesh=dict(zip(mesh.axis_names, mesh_shape)), params=count_params(layout.abstract_state["params"]),
+                  global_batch_size=config.global_batch_size, seq_len=config.seq_len,
+                  grad_accum_steps=config.grad_accum_steps, remat=config.model.remat,
+                  hbm_bytes=hbm_bytes(devices[0].device_kind))
+    tokens_per_step = config.global_batch_size * config.seq_len
+    windows = layer_windows(config.model, config.seq_len)
+    model_flops = train_flops_per_token(layout.abstract_state["params"], config.model, windows, config.seq_len)
+    report["model_flops_per_step"] = model_flops * tokens_per_step
+    peak = peak_flops_per_device(devices[0])
+    report["target_days"] = target_days
+    report["target_tokens_per_sec"] = config.total_steps * tokens_per_step / (target_days * 86400)
+    report["mfu_needed"] = (None if peak is None
+                            else model_flops * report["target_tokens_per_sec"] / (peak * len(devices)))
+
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         # The same jit as nha_jax.training.loop.train builds.
@@ -124,22 +136,11 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_
     # Donated state: outputs aliased to arguments occupy the same buffers.
     report["total_bytes"] = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
                              + report["temp_bytes"])
-    report["hbm_bytes"] = hbm_bytes(report["device_kind"])
     report["fits_hbm"] = None if report["hbm_bytes"] is None else report["total_bytes"] <= report["hbm_bytes"]
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report["flops"] = float(cost.get("flops", 0.0))  # per device; XLA does not count inside the Mosaic kernels
-    tokens_per_step = config.global_batch_size * config.seq_len
-    windows = layer_windows(config.model, config.seq_len)
-    model_flops = train_flops_per_token(layout.abstract_state["params"], config.model, windows, config.seq_len)
-    report["model_flops_per_step"] = model_flops * tokens_per_step
-    peak = peak_flops_per_device(devices[0])
-    report["target_days"] = target_days
-    report["target_tokens_per_sec"] = config.total_steps * tokens_per_step / (target_days * 86400)
-    report["mfu_needed"] = (None if peak is None
-                            else model_flops * report["target_tokens_per_sec"] / (peak * len(devices)))
-    return report
 
 
 def format_table(report: dict) -> str:
@@ -166,6 +167,7 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_platforms", "cpu")
 
     report = {"topology": args.topology, "compiled": False}
+    code = 0
     try:
         unknown = [o for o in overrides if not o.startswith("--config.")]
         if unknown:
@@ -173,21 +175,19 @@ def main(argv: list[str]) -> int:
         if not args.target_days > 0:
             raise ConfigError(f"--target_days={args.target_days}: must be > 0.")
         config = apply_overrides(load_config_file(args.config), overrides)
-        report = compile_train_step(config, args.topology, args.target_days)
+        compile_train_step(config, args.topology, args.target_days, report)
     except ConfigError as error:
         report["error"] = f"config error: {error}"
         print(report["error"], file=sys.stderr)
-        print(json.dumps(report))
-        return 2
+        code = 2
     except Exception as error:  # the compiler's refusal, whatever its type: report it with what to change
         message = f"{type(error).__name__}: {error}"
         report.update(error=message, hint=_failure_hint(message))
         print(f"compile failed for {args.topology}:\n{message}\nwhat to change: {report['hint']}", file=sys.stderr)
-        print(json.dumps(report))
-        return 1
-    print(format_table(report))
+        code = 1
+    print(format_table({key: value for key, value in report.items() if key not in ("error", "hint")}))
     print(json.dumps(report))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -73,15 +73,16 @@ def test_default_train_step_compiles_for_v5p_with_fsdp():
 
 
 def test_340m_train_step_compiles_for_v5p_with_fsdp():
-    """The 340M layer shapes (d_model 1024, 16 / 4 heads of 64, m = 64, 32k vocab, remat) with 6 of its 24 layers
-    (one window schedule block: five W = 32 layers, one full) and batch 8 x 512: the full config takes about five
-    CPU minutes to compile (docs/TPU.md has that run); this keeps every distinct kernel and layer shape in CI."""
-    code, report, stderr = _aot("nha_340m.py", "--topology", "v5p:2x2x1", *FSDP, "--config.model.num_layers=6",
-                                "--config.global_batch_size=8", "--config.seq_len=512")
+    """The 340M layer shapes (d_model 1024, 16 / 4 heads of 64, m = 64, 32k vocab, remat) with 2 of its 24 layers
+    (one W = 32, one full) and batch 8 x 512: the full config takes about five CPU minutes to compile (docs/TPU.md
+    has that run); this keeps both distinct layer shapes and all four kernels in CI for about 45 s."""
+    code, report, stderr = _aot("nha_340m.py", "--topology", "v5p:2x2x1", *FSDP, "--config.model.num_layers=2",
+                                "--config.model.windows=(32, 512)", "--config.global_batch_size=8",
+                                "--config.seq_len=512")
     assert code == 0, stderr[-3000:]
     assert report["compiled"] is True and report["mesh"]["fsdp"] == 4
-    assert report["mosaic_kernels"] >= 6 * 4 and report["remat"] == "dots_with_no_batch_dims_saveable"
-    assert report["params"] > 100e6
+    assert report["mosaic_kernels"] >= 2 * 4 and report["remat"] == "dots_with_no_batch_dims_saveable"
+    assert report["params"] > 70e6  # the 32k x 1024 embedding and head alone
     # FSDP: each device holds about a quarter of the float32 params and two Adam moments (12 bytes per param).
     assert report["argument_bytes"] < 12 * report["params"] / 2
     assert report["flops"] > 0 and 0 < report["mfu_needed"]

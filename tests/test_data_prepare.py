@@ -54,7 +54,7 @@ def test_prepare_tinyshakespeare_matches_direct_tokenization_and_trains(tmp_path
     tokenizer = build_tokenizer(default_data_config())
     expected = direct_tokenization(source_config("text", str(SHAKESPEARE), text_split="blank_lines"), tokenizer)
     assert len(manifest["shards"]) == 4 and manifest["token_dtype"] == "uint16"
-    assert manifest["files"] == [{"path": str(SHAKESPEARE), "bytes": SHAKESPEARE.stat().st_size}]
+    assert manifest["files"] == [{"path": str(SHAKESPEARE.resolve()), "bytes": SHAKESPEARE.stat().st_size}]
     assert_shards_hold(out, expected, tokenizer, manifest)
 
     cfg = default_data_config()

@@ -124,9 +124,10 @@ def test_segments_do_not_leak():
         np.testing.assert_array_equal(np.asarray(a[:, 30:]), np.asarray(b[:, 30:]), err_msg=impl)
 
 
-@pytest.mark.parametrize("W,m,split", [(5, 8, 23), (0, 8, 30), (40, 4, 17), (3, 0, 31), (6, 8, 30)])
-@pytest.mark.parametrize("first_impl,second_impl", [("chunked", "chunked"), ("recurrent", "chunked"),
-                                                    ("chunked", "recurrent")])
+@pytest.mark.parametrize("W,m,split,first_impl,second_impl", [
+    (5, 8, 23, "chunked", "chunked"), (0, 8, 30, "chunked", "chunked"), (40, 4, 17, "chunked", "chunked"),
+    (3, 0, 31, "chunked", "chunked"), (6, 8, 30, "chunked", "chunked"),
+    (5, 8, 23, "recurrent", "chunked"), (6, 8, 30, "chunked", "recurrent")])
 def test_state_chaining_is_exact(W, m, split, first_impl, second_impl):
     """[0, T1) then [T1, T) with the carried state equals [0, T) — with segments, one boundary exactly at T1=30."""
     T = 61
@@ -182,15 +183,15 @@ def test_decode_cache_size_is_independent_of_context():
 
 
 def test_chunked_backward_memory_is_linear_in_T():
-    """Compiled temp memory of the chunked gradient roughly doubles from T=512 to 1024 (T x T would quadruple)."""
+    """Compiled temp memory of the chunked gradient grows ~4x from T=1024 to 4096 (T x T would grow 16x)."""
     def temp_bytes(T):
         q, k, v, la = random_inputs(0, 1, T, 4, HKV, 16, 16, 16)
         f = jax.jit(jax.grad(lambda q, k, v, la: nha_attention(q, k, v, la, window=32, impl="chunked").sum(),
                              argnums=(0, 1, 2, 3)))
         return f.lower(q, k, v, la).compile().memory_analysis().temp_size_in_bytes
-    small, large = temp_bytes(512), temp_bytes(1024)
-    assert large <= 2.6 * small, (small, large)
-    assert large < 1024 * 1024 * 4 * 4  # less than one float32 T x T matrix per head
+    small, large = temp_bytes(1024), temp_bytes(4096)
+    assert large <= 5 * small, (small, large)
+    assert large < 4096 * 4096 * 4 * 4  # less than one float32 T x T matrix per head
 
 
 def test_jit_and_vmap_friendly():
