@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench.common import make_inputs
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
 from pallas_kernels.triton import _outputs, _prepare, _slot_states, nha_attention_triton
@@ -24,18 +25,6 @@ from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
 HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 128, 64, 64
-
-
-def make_inputs(key, batch, seq, heads=HEADS, kv_heads=HEADS, dk=HEAD_DIM, dv=HEAD_DIM, m=SLOTS,
-                dtype=jnp.bfloat16):
-    """Random q, k, v (dtype), log_alpha (float32, NHA's logsigmoid(f) / 8) and an output cotangent."""
-    kq, kk, kv, kf, kc = jax.random.split(key, 5)
-    q = jax.random.normal(kq, (batch, seq, heads, dk), dtype)
-    k = jax.random.normal(kk, (batch, seq, kv_heads, dk), dtype)
-    v = jax.random.normal(kv, (batch, seq, kv_heads, dv), dtype)
-    log_alpha = jax.nn.log_sigmoid(jax.random.normal(kf, (batch, seq, kv_heads, m), jnp.float32) * 2) / 8
-    cotangent = jax.random.normal(kc, (batch, seq, heads, dv), dtype)
-    return q, k, v, log_alpha, cotangent
 
 
 def pallas_fn(window):

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.rope import rope
+
 # Finite "minus infinity" for masked logits: a fully masked row then gives zeros, never NaN.
 _MASKED = -1e30
 
@@ -502,19 +504,6 @@ _core.defvjp(_core_fwd, _core_bwd)
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher.
 
-def _rope(x, positions, theta):
-    """Rotate-half RoPE. x [B, T, heads, d], positions int [B, T] -> float32 [B, T, heads, d]."""
-    half = x.shape[-1] // 2
-    # theta: a base, or a tuple of the d/2 inverse frequencies themselves (scaled RoPE).
-    inv_freq = jnp.asarray(theta, jnp.float32) if isinstance(theta, tuple) else theta ** (
-        -jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x = x.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def _delay(x, steps):
     """x [B, T, ...] shifted later in time by `steps` (zeros enter at the front)."""
     T = x.shape[1]
@@ -583,8 +572,8 @@ def nha_attention_tpu(q, k, v, log_alpha, segment_ids, positions, slot_k0=None, 
     keys_in, values_in = _delay(k, window), _delay(v, window)
     q_scaled = q.astype(jnp.float32) * scale  # one rounding to q.dtype per kernel input, after RoPE and scale
     q_slot = q_scaled.astype(q.dtype)
-    q_rot = (q_scaled if rope_theta is None else _rope(q_scaled, positions, rope_theta)).astype(q.dtype)
-    k_rot = k if rope_theta is None else _rope(k, positions, rope_theta).astype(k.dtype)
+    q_rot = (q_scaled if rope_theta is None else rope(q_scaled, positions, rope_theta)).astype(q.dtype)
+    k_rot = k if rope_theta is None else rope(k, positions, rope_theta).astype(k.dtype)
 
     # An empty slot set still needs one (masked) slot column to keep every block non-empty.
     live_slots = m

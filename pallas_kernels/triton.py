@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.rope import rope
 from pallas_kernels.tuning import triton_config
 
 # A finite "minus infinity": exp() of it underflows to 0 and differences of it never make NaN.
@@ -387,18 +388,6 @@ _core.defvjp(_core_fwd, _core_bwd)
 # Preparation (XLA, differentiated by XLA) and the public entry point.
 
 
-def _rope(x, positions, theta):
-    """Rotate-half RoPE of x [B, T, heads, d] at positions [B, T], computed in float32."""
-    half = x.shape[-1] // 2
-    # theta: a base, or a tuple of the d/2 inverse frequencies themselves (scaled RoPE).
-    freqs = jnp.asarray(theta, jnp.float32) if isinstance(theta, tuple) else theta ** (
-        -jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def _pad_axis(x, axis, size, mode="constant"):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
@@ -453,7 +442,8 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     seg = _pad_axis(segment_ids.astype(jnp.int32), 1, t_pad, mode="edge")
     pos = _pad_axis(positions.astype(jnp.int32), 1, t_pad, mode="edge")
     q_p, k_p, v_p = (_pad_axis(x, 1, t_pad) for x in (q, k, v))
-    qr, kr = (q_p, k_p) if rope_theta is None else (_rope(q_p, pos, rope_theta), _rope(k_p, pos, rope_theta))
+    qr, kr = (q_p, k_p) if rope_theta is None else (rope(q_p, pos, rope_theta).astype(q_p.dtype),
+                                                            rope(k_p, pos, rope_theta).astype(k_p.dtype))
     # Slot inputs shifted by W: position p carries token p - W, written only inside one real run.
     t_idx = jnp.arange(t_pad)
     seg_src = jnp.pad(seg, [(0, 0), (window, 0)], constant_values=-1)[:, :t_pad]
