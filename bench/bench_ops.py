@@ -9,7 +9,6 @@ import argparse
 import datetime
 
 import jax
-import jax.numpy as jnp
 
 from bench.common import compiled_bytes, forward_and_backward, make_inputs, median_ms
 from nha_jax.ops import nha_attention

@@ -30,7 +30,7 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
     from nha_jax.training.metrics import peak_flops_per_device, train_flops_per_token
     from nha_jax.training.optimizer import build_optimizer, learning_rate_schedule
     from nha_jax.training.state import count_params, state_layout
-    from nha_jax.training.step import make_train_step
+    from nha_jax.training.step import jit_train_step
 
     config = load_config_file(str(REPO / "configs" / f"{config_name}.py"))
     config.seq_len = seq_len
@@ -58,10 +58,8 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
     batches = [random_batch() for _ in range(2)]  # alternate two batches: no single cached input
     with jax.set_mesh(mesh):
         state = jax.jit(layout.init_fn, out_shardings=layout.shardings)(jax.random.PRNGKey(0))
-        step = jax.jit(make_train_step(layout.graphdef, optimizer,
-                                       learning_rate_schedule(config.optimizer, config.total_steps), 1),
-                       in_shardings=(layout.shardings, batch_sharding), out_shardings=(layout.shardings, None),
-                       donate_argnums=0)
+        step = jit_train_step(layout, optimizer, learning_rate_schedule(config.optimizer, config.total_steps), 1,
+                              batch_sharding)
         start = time.perf_counter()
         compiled = step.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - start

@@ -20,7 +20,7 @@ import time
 
 import jax
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from nha_jax.model import layer_windows
 from nha_jax.sharding import logical_to_mesh_spec, make_mesh
@@ -29,7 +29,7 @@ from nha_jax.training.loop import resolve_vocab_size
 from nha_jax.training.metrics import peak_flops_per_device, train_flops_per_token
 from nha_jax.training.optimizer import build_optimizer, learning_rate_schedule
 from nha_jax.training.state import count_params, state_layout
-from nha_jax.training.step import make_train_step
+from nha_jax.training.step import jit_train_step
 
 GIB = 2 ** 30
 # HBM per chip, matched against jax's device_kind (first match wins, as in PEAK_FLOPS_BY_DEVICE_KIND).
@@ -96,7 +96,6 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_
     optimizer = build_optimizer(config.optimizer, config.total_steps)
     layout = state_layout(config, optimizer, mesh)
     batch_sharding = NamedSharding(mesh, logical_to_mesh_spec(("batch", "seq")))
-    replicated = NamedSharding(mesh, PartitionSpec())
     rows = (config.global_batch_size, config.seq_len)
     batch = {name: jax.ShapeDtypeStruct(rows, jax.numpy.int32, sharding=batch_sharding)
              for name in ("inputs", "targets", "segment_ids")}
@@ -119,10 +118,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, target_
 
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        # The same jit as nha_jax.training.loop.train builds.
-        train_step = jax.jit(make_train_step(layout.graphdef, optimizer, schedule, config.grad_accum_steps),
-                             in_shardings=(layout.shardings, batch_sharding),
-                             out_shardings=(layout.shardings, replicated), donate_argnums=0)
+        train_step = jit_train_step(layout, optimizer, schedule, config.grad_accum_steps, batch_sharding)
         lowered = train_step.lower(layout.abstract_with_shardings(), batch)
         compiled = lowered.compile()
     report["compile_seconds"] = round(time.perf_counter() - start, 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from nha_jax.ops.chunked import nha_chunked
-from nha_jax.ops.decode import NO_SEGMENT, NHAState, init_state
+from nha_jax.ops.decode import NHAState, init_state
 from nha_jax.ops.reference import nha_naive, nha_recurrent
 from nha_jax.ops.rope import apply_rope
 from nha_jax.ops.segments import runs_and_positions

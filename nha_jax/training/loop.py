@@ -25,7 +25,7 @@ from nha_jax.training.metrics import (MetricsWriter, Throughput, peak_flops_per_
                                       train_flops_per_token)
 from nha_jax.training.optimizer import build_optimizer, learning_rate_schedule
 from nha_jax.training.state import count_params, state_layout
-from nha_jax.training.step import make_eval_step, make_train_step
+from nha_jax.training.step import jit_train_step, make_eval_step
 
 VOCAB_MULTIPLE = 128  # an automatic vocab is padded so that the vocab axis splits evenly over tensor devices
 
@@ -94,9 +94,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     replicated = NamedSharding(mesh, PartitionSpec())
 
     with jax.set_mesh(mesh):
-        train_step = jax.jit(make_train_step(layout.graphdef, optimizer, schedule, config.grad_accum_steps),
-                             in_shardings=(layout.shardings, batch_sharding),
-                             out_shardings=(layout.shardings, replicated), donate_argnums=0)
+        train_step = jit_train_step(layout, optimizer, schedule, config.grad_accum_steps, batch_sharding)
         eval_step = jax.jit(make_eval_step(layout.graphdef),
                             in_shardings=(layout.shardings["params"], batch_sharding), out_shardings=replicated)
         diagnostic = jax.jit(lambda params, tokens: nnx.merge(layout.graphdef, params).long_term_shares(tokens),

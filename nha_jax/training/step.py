@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nha_jax.sharding import constrain
 
@@ -87,3 +88,13 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
         return loss_sum_and_count(params, graphdef, batch)
 
     return eval_step
+
+
+def jit_train_step(layout, optimizer: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
+                   batch_sharding: NamedSharding) -> Callable:
+    """make_train_step under jax.jit as every caller runs it (the training loop, nha_jax.aot, bench/bench_train.py):
+    the state sharded by layout.shardings and donated, the batch sharded by batch_sharding, metrics replicated."""
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(make_train_step(layout.graphdef, optimizer, schedule, accum_steps),
+                   in_shardings=(layout.shardings, batch_sharding), out_shardings=(layout.shardings, replicated),
+                   donate_argnums=0)
