@@ -20,6 +20,7 @@ import train as train_cli  # noqa: E402
 from configs.common import base_config  # noqa: E402
 from nha_jax import data  # noqa: E402
 from nha_jax.training import NonFiniteLossError, loop, train  # noqa: E402
+from nha_jax.training import step as step_module  # noqa: E402
 from nha_jax.training.checkpoint import Checkpointer  # noqa: E402
 
 
@@ -128,7 +129,7 @@ def test_preempted_run_resumes_to_the_same_losses_and_data(tmp_path, monkeypatch
 
 
 def test_nan_stops_without_saving_and_half_written_checkpoints_are_ignored(tmp_path, monkeypatch):
-    real_step = loop.make_train_step
+    real_step = step_module.make_train_step
 
     def step_that_diverges_at_step_4(*args, **kwargs):
         step = real_step(*args, **kwargs)
@@ -141,7 +142,7 @@ def test_nan_stops_without_saving_and_half_written_checkpoints_are_ignored(tmp_p
 
         return diverging
 
-    monkeypatch.setattr(loop, "make_train_step", step_that_diverges_at_step_4)
+    monkeypatch.setattr(step_module, "make_train_step", step_that_diverges_at_step_4)
     config = tiny_config(tmp_path, checkpoint_every=2, total_steps=8)
     with pytest.raises(NonFiniteLossError, match="step 4: loss=nan"):
         train(config)
@@ -152,7 +153,7 @@ def test_nan_stops_without_saving_and_half_written_checkpoints_are_ignored(tmp_p
     # A save that died half-way leaves only orbax's temporary directory: resume must not pick it up.
     (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234567").mkdir()
     assert Checkpointer(str(tmp_path), keep=3, async_save=False).latest_step() == 2
-    monkeypatch.setattr(loop, "make_train_step", real_step)
+    monkeypatch.setattr(step_module, "make_train_step", real_step)
     summary = train(tiny_config(tmp_path, checkpoint_every=2, total_steps=4))
     assert summary["steps_run"] == 2 and np.isfinite(summary["final_loss"])
 
