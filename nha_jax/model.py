@@ -70,6 +70,13 @@ def layer_windows(model_cfg: ml_collections.ConfigDict, seq_len: int) -> list[in
     return windows
 
 
+def schedule_period(windows: list[int] | tuple[int, ...]) -> int:
+    """The smallest p dividing len(windows) with windows[l] == windows[l % p]: the layers scan in groups of p."""
+    num_layers = len(windows)
+    return next(p for p in range(1, num_layers + 1)
+                if num_layers % p == 0 and all(w == windows[i % p] for i, w in enumerate(windows)))
+
+
 class Block(nnx.Module):
     """h += NHA(RMSNorm(h)); h += SwiGLU(RMSNorm(h))."""
 
@@ -105,6 +112,8 @@ class LanguageModel(nnx.Module):
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, *, seq_len: int, rngs: nnx.Rngs):
         self.windows = tuple(layer_windows(model_cfg, seq_len))
+        # Layers run as a lax.scan over groups of one schedule period (compile time ~ one group, not every layer).
+        self.scan_period = schedule_period(self.windows) if model_cfg.get("scan_layers", True) else len(self.windows)
         self.dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
         self.remat_policy = model_cfg.remat
         width, vocab = model_cfg.d_model, model_cfg.vocab_size
@@ -120,8 +129,26 @@ class LanguageModel(nnx.Module):
         run_block = Block.__call__
         if self.remat_policy != "none":
             run_block = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat_policy])
-        for block in self.blocks:
-            h = run_block(block, h, segment_ids)
+        period, groups = self.scan_period, len(self.blocks) // self.scan_period
+        if groups == 1:
+            for block in self.blocks:
+                h = run_block(block, h, segment_ids)
+            return self.final_norm(h)
+
+        # Layer p of every group has the same structure (same window); stack their parameters along a new leading
+        # axis and scan. Parameters stay stored per layer (checkpoints, conversion and sharding rules see the
+        # unrolled model); the stack is a copy inside the step, small next to the activations.
+        graphdefs = [nnx.graphdef(self.blocks[p]) for p in range(period)]
+        stacked = [jax.tree.map(lambda *layers: jnp.stack(layers),
+                                *[nnx.state(self.blocks[g * period + p]) for g in range(groups)])
+                   for p in range(period)]
+
+        def run_group(h, group_states):
+            for graphdef, state in zip(graphdefs, group_states):
+                h = run_block(nnx.merge(graphdef, state), h, segment_ids)
+            return h, None
+
+        h, _ = jax.lax.scan(run_group, h, stacked)
         return self.final_norm(h)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
