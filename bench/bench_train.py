@@ -5,7 +5,9 @@ NHA-340M against Transformer++-340M, at several sequence lengths, in one run.
                                 [--tokens-per-step 16384] [--steps 10] [--set model.remat=full ...]
 
 Each (model, T) runs in its own subprocess so that its peak memory is its own. Batches are random tokens, one
-document per row (so full-window layers really attend over T). MFU uses the FLOP count of docs/TRAINING.md.
+document per row (so full-window layers really attend over T) and no segment ids, so that the Transformer++ full
+layers take cuDNN flash attention (`impl="auto"` routes there only without segments); `--packed` passes segment ids
+(all ones) as the trainer does with packed data. MFU uses the FLOP count of docs/TRAINING.md.
 """
 import argparse
 import json
@@ -17,7 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str]) -> dict:
+def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str],
+            packed: bool) -> dict:
     """Compiles and times the train step of configs/<config_name>.py at seq_len; returns one result row."""
     sys.path.insert(0, str(REPO))
     import jax
@@ -51,7 +54,7 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
 
     def random_batch():
         tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1)).astype(np.int32)
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32) if packed else None,
                  "loss_mask": np.ones(shape, np.float32)}
         return jax.device_put(batch, batch_sharding)
 
@@ -86,7 +89,7 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
             "mfu": tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else 0.0,
             "peak_mem_gib": memory.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
             "loss": float(metrics["loss"]), "flops_per_token": flops_per_token,
-            "impl": config.model.attention_impl, "remat": config.model.remat}
+            "impl": config.model.attention_impl, "remat": config.model.remat, "packed": packed}
 
 
 def main():
@@ -96,13 +99,14 @@ def main():
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--packed", action="store_true", help="feed segment ids, as packed training data does")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: "model:seq_len" in this process
     args = parser.parse_args()
 
     if args.one:
         name, seq_len = args.one.split(":")
-        print("RESULT " + json.dumps(measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set)))
+        print("RESULT " + json.dumps(measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set, args.packed)))
         return
 
     rows = []
@@ -110,6 +114,7 @@ def main():
         for name in args.models.split(","):
             command = [sys.executable, __file__, "--one", f"{name}:{seq_len}", "--tokens-per-step",
                        str(args.tokens_per_step), "--steps", str(args.steps)] + [f"--set={s}" for s in args.set]
+            command += ["--packed"] if args.packed else []
             done = subprocess.run(command, capture_output=True, text=True)
             results = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not results:

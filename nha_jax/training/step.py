@@ -39,6 +39,8 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
     sharded in contiguous blocks, and a contiguous split would put each microbatch on a few devices only.
     """
     def split(x):
+        if x is None:  # segment_ids=None: one document per row
+            return None
         rows = x.shape[0] // accum_steps
         micro = x.reshape(rows, accum_steps, *x.shape[1:]).swapaxes(0, 1)
         return constrain(micro, (None, "batch", "seq"))
