@@ -3,7 +3,7 @@
 Runs a correctness check against the chunked path first, then times forward and forward+backward (bf16) at
 S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=dv=128, m=64, W=64.
 Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
-First it splits the forward into XLA preparation / state kernel / output kernel for each --sweep variant.
+First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa]
 """
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from bench.common import make_inputs
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
-from pallas_kernels.triton import _outputs, _prepare, _slot_states, nha_attention_triton
+from pallas_kernels.triton import (_output_backward, _outputs, _prepare, _slot_states, _state_backward,
+                                   _window_backward, nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
@@ -73,8 +74,11 @@ def check(key):
     """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA."""
     rows = []
     jax.config.update("jax_default_matmul_precision", "highest")  # the XLA reference in true float32
-    for dtype, seq, window in ((jnp.float32, 300, 64), (jnp.float32, 257, 200), (jnp.bfloat16, 1024, 64)):
+    # The last row: strong decay (log alpha down to about -10) must not overflow the gate exponents.
+    for dtype, seq, window, gate_scale in ((jnp.float32, 300, 64, 1), (jnp.float32, 257, 200, 1),
+                                           (jnp.bfloat16, 1024, 64, 1), (jnp.float32, 300, 16, 80)):
         q, k, v, la, ct = make_inputs(key, 2, seq, heads=8, kv_heads=4, dtype=dtype)
+        la = la * gate_scale
         seg = jnp.concatenate([jnp.zeros((2, seq // 3), jnp.int32), jnp.ones((2, seq - seq // 3), jnp.int32)], 1)
         runs, pos = runs_and_positions(seg, jnp.zeros((2,), bool), jnp.zeros((2,), jnp.int32))
 
@@ -95,35 +99,42 @@ def check(key):
         nans = [bool(jnp.isnan(x).any()) for x in (op, *gp)], [bool(jnp.isnan(x).any()) for x in (oc, *gc)]
         if any(nans[0]) or any(nans[1]):
             print(f"  NaN in (out, dq, dk, dv, dlog_alpha): pallas {nans[0]}, chunked {nans[1]}")
-        rows.append((jnp.dtype(dtype).name, seq, window, errs))
+        rows.append((jnp.dtype(dtype).name, seq, window, gate_scale, errs))
     jax.config.update("jax_default_matmul_precision", None)
-    print("correctness vs chunked (rel L2): dtype T W | out dq dk dv dlog_alpha")
-    for name, seq, window, errs in rows:
-        print(f"  {name:8s} {seq:5d} {window:3d} | " + " ".join(f"{e:.2e}" for e in errs))
+    print("correctness vs chunked (rel L2): dtype T W gate-scale | out dq dk dv dlog_alpha")
+    for name, seq, window, gate_scale, errs in rows:
+        print(f"  {name:8s} {seq:5d} {window:3d} {gate_scale:3d} | " + " ".join(f"{e:.2e}" for e in errs))
 
 
-SWEEP = {  # tuning-table candidates, applied to the output and state kernels
+SWEEP = {  # tuning-table candidates, applied to every kernel that uses the field
     "table": {},
     "out_warps4": dict(output_warps=4),
+    "bwd_warps4": dict(backward_warps=4),
+    "bwd_stages1": dict(backward_stages=1),
+    "bwd_stages3": dict(backward_stages=3),
     "key_block64": dict(key_block=64),
     "sub_block32": dict(sub_block=32),
     "stages1": dict(output_stages=1, state_stages=1),
     "stages3": dict(output_stages=3, state_stages=3),
     "state_warps4": dict(state_warps=4),
+    "state_split1": dict(state_splits=1),
+    "state_split2": dict(state_splits=2),
     "state_split4": dict(state_splits=4),
+    "state_split8": dict(state_splits=8),
     "chunk64": dict(chunk=64),
     "chunk16": dict(chunk=16),
 }
 
 
 def breakdown(key, shape, reps, sweep):
-    """Forward split into the XLA preparation, the state kernel and the output kernel (ms), per tuning variant."""
+    """Forward and backward split into XLA preparation and each kernel (ms), per tuning variant."""
     batch, seq = SHAPES[shape]
-    q, k, v, la, _ = make_inputs(key, batch, seq)
+    q, k, v, la, ct = make_inputs(key, batch, seq)
     seg = jnp.zeros((batch, seq), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    scale = HEAD_DIM ** -0.5
     for name in sweep:
-        config = dataclasses.replace(triton_config(HEAD_DIM), **SWEEP[name])
+        config = dataclasses.replace(triton_config(HEAD_DIM, state_programs=batch * HEADS), **SWEEP[name])
         chunk = config.chunk
         prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
             q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
@@ -132,19 +143,38 @@ def breakdown(key, shape, reps, sweep):
             whole = jax.jit(pallas_fn(WINDOW))
             print(f"{shape} prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, whole forward "
                   f"{median_ms(whole, (q, k, v, la), reps):.3f} ms (tuning table)", flush=True)
-        states = jax.jit(lambda *a, config=config: _slot_states(*a, chunk=chunk, config=config, interpret=False))
-        state_args = (ks, vs, gates, writes, hk0, hv0, run)
-        outputs = jax.jit(lambda *a, config=config: _outputs(
-            *a, window=WINDOW, num_slots=SLOTS, scale=HEAD_DIM ** -0.5, chunk=chunk, config=config,
-            interpret=False))
+        kernels = dict(
+            state=jax.jit(lambda *a, config=config: _slot_states(*a, chunk=chunk, config=config, interpret=False)),
+            output=jax.jit(lambda *a, config=config: _outputs(
+                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False)),
+            output_bwd=jax.jit(lambda *a, config=config: _output_backward(
+                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False)),
+            state_bwd=jax.jit(lambda *a, config=config: _state_backward(
+                *a, chunk=chunk, config=config, interpret=False)),
+            window_bwd=jax.jit(lambda *a, config=config: _window_backward(
+                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)))
         try:
-            hk, hv, _, _ = states(*state_args)
-            t_state = median_ms(states, state_args, reps)
-            t_out = median_ms(outputs, (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run), reps)
+            times = {}
+            args = (ks, vs, gates, writes, hk0, hv0, run)
+            hk, hv, hk_last, hv_last = kernels["state"](*args)
+            times["state"] = median_ms(kernels["state"], args, reps)
+            args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run)
+            out, lse = kernels["output"](*args)
+            times["output"] = median_ms(kernels["output"], args, reps)
+            d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
+            delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)
+            args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
+            _, _, _, _, _, _, a, p = kernels["output_bwd"](*args)
+            times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
+            args = (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, jnp.zeros_like(hk_last),
+                    jnp.zeros_like(hv_last))
+            times["state_bwd"] = median_ms(kernels["state_bwd"], args, reps)
+            args = (qr, kr, v_p, d_out, lse, delta, seg_p)
+            times["window_bwd"] = median_ms(kernels["window_bwd"], args, reps)
         except Exception as err:  # a variant that does not compile is reported and skipped
             print(f"{shape} {name}: {type(err).__name__}: {str(err)[:300]}")
             continue
-        print(f"{shape} {name:13s} state kernel {t_state:.3f} ms, output kernel {t_out:.3f} ms", flush=True)
+        print(f"{shape} {name:13s} " + ", ".join(f"{k} {t:.3f}" for k, t in times.items()) + " ms", flush=True)
 
 
 def main():

@@ -10,8 +10,13 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
 - `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of 16 rows carrying the slot
   state, so every gate exponent is <= 0; per sub-block: slot logits (state + a [16, 16, m] block of pairs), window
   logits over key blocks with an online softmax, one float32 softmax over both, slot read, window read.
-- The backward pass recomputes: it differentiates `_core_xla`, the same chunked algorithm written in XLA
-  (checkpointed per chunk, so no T x (m + W) array is kept).
+- The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
+  rest in three kernels: `_output_backward_kernel`, grid (B, H, T/C) like the output kernel, recomputes the joint
+  softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values,
+  write strengths and gates, and the per-row factors of the state gradient; `_state_backward_kernel`, grid
+  (B, H, dk/dv slices), runs the sub-blocks last to first carrying dH^k/dH^v and gives the gradients through the
+  state hand-over; `_window_backward_kernel`, grid (B, H, key blocks), gives the window dk/dv without atomics.
+  Kernels work per query head; XLA sums each GQA group.
 """
 from __future__ import annotations
 
@@ -58,6 +63,20 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 # Kernels.
 
 
+def _handover(gates, runs, state_run, last_run, gate_last, base):
+    """How a block of R rows hands the slot state on: new = decay * old + (writes * to_last)^T @ (ks | vs).
+
+    gates [R, m] chunk-local cumulative log gates of the rows, runs [R] their slot run ids, state_run the run of the
+    state entering the block, last_run / gate_last [m] the last row's run and gates, base [m] the cumulative gate
+    before the block. Returns to_last [R, m] = exp(G_last - G_p) on the last row's run (tokens of an earlier run
+    never reach the state that leaves the block), 0 elsewhere, and decay [m] = exp(G_last - base) if the entering
+    state's run reaches the block's end (runs are contiguous), else 0. Every exponent is <= 0.
+    """
+    to_last = jnp.where((runs == last_run)[:, None], jnp.exp(gate_last[None, :] - gates), 0.0)
+    decay = jnp.where(state_run == last_run, jnp.exp(gate_last - base), 0.0)
+    return to_last, decay
+
+
 def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_ref,
                   hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks):
     """One (batch, kv head, slice of dk and dv): H^k/H^v entering every chunk, and after the last one.
@@ -75,16 +94,11 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
         hv_ref[c, :, :] = hv
         rows = pl.ds(c * chunk, chunk)
         last = c * chunk + chunk - 1
-        run = run_ref[rows]
         last_run = run_ref[last]
-        gates = gates_ref[rows, :]
         gate_last = gates_ref[last, :]
-        # Tokens of an earlier run in this chunk never reach the state that leaves it; the state that entered
-        # survives only if its run continues to the chunk's end (runs are contiguous).
-        weights = writes_ref[rows, :] * jnp.exp(gate_last[None, :] - gates)
-        weights = jnp.where((run == last_run)[:, None], weights, 0.0)
-        decay = jnp.where(state_run == last_run, jnp.exp(gate_last), 0.0)
-        weights = weights.astype(compute_dtype)
+        to_last, decay = _handover(gates_ref[rows, :], run_ref[rows], state_run, last_run, gate_last,
+                                   jnp.zeros_like(gate_last))
+        weights = (writes_ref[rows, :] * to_last).astype(compute_dtype)
         hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
         hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
         return hk, hv, last_run
@@ -96,14 +110,14 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 
 
 def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
-                   kr_ref, v_ref, seg_ref, run_ref, o_ref, *,
+                   kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
                    chunk, sub, key_block, window, num_slots, scale):
     """One (batch, query head, chunk of C queries): the NHA output of those queries.
 
     q/qr [C, dk] query (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv], gates [C, m], writes
     [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the chunk; kr [Tp, dk],
     v [Tp, dv] the whole (RoPE'd) keys and values of this kv head; seg [Tp] window run ids, run [Tp] slot run ids.
-    Output o [C, dv].
+    Outputs o [C, dv] and lse [C], the float32 log-sum-exp of each row's joint softmax (for the backward).
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that every
     gate factor is exp of a non-positive number: exp(G_t - G_base) for the state entering the sub-block, and
@@ -179,17 +193,226 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             acc += _dot((probs * inter_gate).astype(dtype), hv.astype(dtype))
             acc += _dot(pair_probs.astype(dtype), vs)
         o_ref[blk, :] = (acc / row_sum[:, None]).astype(o_ref.dtype)
+        lse_ref[blk] = row_max + jnp.log(row_sum)
 
         if num_slots > 0 and r0 + sub < chunk:
             # Advance the state over this sub-block (as _state_kernel does over a chunk).
             last_run = run_ref[t0 + sub - 1]
-            gate_last = gates_ref[r0 + sub - 1, :]
-            weights = writes * jnp.exp(gate_last[None, :] - gates)
-            weights = jnp.where((run_q == last_run)[:, None], weights, 0.0).astype(dtype)
-            decay = jnp.where(state_run == last_run, jnp.exp(gate_last - base), 0.0)
+            to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
+            weights = (writes * to_last).astype(dtype)
             hk = hk * decay[None, :] + _dot(ks_ref[blk, :], weights, trans_a=True)
             hv = hv * decay[:, None] + _dot(weights, vs, trans_a=True)
             state_run = last_run
+
+
+def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
+                            seg_ref, run_ref, do_ref, lse_ref, delta_ref,
+                            dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, a_ref, p_ref, *,
+                            chunk, sub, key_block, window, num_slots, scale):
+    """Backward of `_output_kernel` for one (batch, query head, chunk), everything but the slot-state recurrence.
+
+    Inputs as `_output_kernel`, plus do [C, dv] the output gradient, lse [C] the forward's row log-sum-exp and
+    delta [C] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
+    sub-blocks (same state carry, same non-positive gate exponents). Outputs, float32, per query head:
+    dq [C, dk] (slot branch) and dqr [C, dk] (window branch); dks [C, dk], dvs [C, dv], dwrites [C, m],
+    dgates [C, m] through the pairs inside each sub-block and the decay of the state entering it; and
+    a [C, m] = scale * dlogits * inter, p [C, m] = probs * inter, the per-row factors of the gradient of the
+    state entering each sub-block (dH^k = q^T a, dH^v = p^T do), which `_state_backward_kernel` carries back.
+    """
+    c = pl.program_id(2)
+    c0 = c * chunk
+    rows = jnp.arange(sub)
+    m_pad = gates_ref.shape[-1]
+    slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    last_row = (rows == sub - 1)[:, None]
+    dtype = q_ref.dtype
+
+    hk, hv = hk_ref[...], hv_ref[...]
+    state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
+    previous_dgates = None
+    for r0 in range(0, chunk, sub):
+        blk = pl.ds(r0, sub)
+        t0 = c0 + r0
+        q, ks, vs, d_out = q_ref[blk, :], ks_ref[blk, :], vs_ref[blk, :], do_ref[blk, :]
+        gates, writes = gates_ref[blk, :], writes_ref[blk, :]
+        run_q = run_ref[pl.ds(t0, sub)]
+        lse, delta = lse_ref[blk], delta_ref[blk]
+        base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
+
+        # Recompute the slot logits and probabilities exactly as the forward did.
+        inter = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
+        pair_visible = (causal & (run_q[:, None] == run_q[None, :]))[:, :, None]
+        pair_decay = jnp.where(pair_visible, jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
+        pair_weights = pair_decay * writes[None, :, :]  # [t, p, m]: s_p exp(G_t - G_p)
+        hk_c, hv_c = hk.astype(dtype), hv.astype(dtype)
+        q_hk = _dot(q, hk_c)  # [t, m]
+        qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
+        intra_logits = jnp.sum(qk[:, :, None] * pair_weights, axis=1)  # [t, m]
+        probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
+
+        # Slot read o += (probs * inter) @ H^v + sum_p (probs . pair_weights) vs_p, then the softmax.
+        do_hv = _dot(d_out, hv_c, trans_b=True)  # [t, m]
+        do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
+        intra_read = jnp.sum(do_vs[:, :, None] * pair_weights, axis=1)  # [t, m]
+        d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
+        logit_pairs = jnp.sum(d_logits[:, None, :] * pair_weights, axis=2)  # [t, p]
+        read_pairs = jnp.sum(probs[:, None, :] * pair_weights, axis=2)  # [t, p]
+        dq_ref[blk, :] = scale * (_dot((d_logits * inter).astype(dtype), hk_c, trans_b=True)
+                                  + _dot(logit_pairs.astype(dtype), ks))
+        dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
+        dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
+        a_ref[blk, :] = scale * d_logits * inter
+        p_ref[blk, :] = probs * inter
+
+        # Gates and write strengths through pair_weights[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
+        # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of pair_weights, the sums over p
+        # of g * pair_weights are the intra terms above, and the sums over t factor out s_p.
+        pair_grads = probs[:, None, :] * do_vs[:, :, None] + d_logits[:, None, :] * qk[:, :, None]
+        d_writes = jnp.sum(pair_decay * pair_grads, axis=0)  # [p, m]
+        dwrites_ref[blk, :] = d_writes
+        inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
+        dgates = probs * intra_read + d_logits * intra_logits - writes * d_writes + inter_gates
+        if r0 > 0:
+            # G_base is the previous sub-block's last row: its gradient lands there, then that block is final.
+            previous_dgates -= jnp.where(last_row, jnp.sum(inter_gates, axis=0)[None, :], 0.0)
+            dgates_ref[pl.ds(r0 - sub, sub), :] = previous_dgates
+        previous_dgates = dgates
+
+        if window > 0:
+            qr = qr_ref[blk, :]
+            t_idx = t0 + rows
+            seg_q = seg_ref[pl.ds(t0, sub)]
+            key_rows = jnp.arange(key_block)
+
+            def window_step(kb, dqr):
+                cols = pl.ds(kb * key_block, key_block)
+                j_idx = kb * key_block + key_rows
+                visible = ((j_idx[None, :] <= t_idx[:, None]) & (j_idx[None, :] > t_idx[:, None] - window)
+                           & (seg_ref[cols][None, :] == seg_q[:, None]))
+                keys = kr_ref[cols, :]
+                s = jnp.where(visible, _dot(qr, keys, trans_b=True) * scale, _MASK_VALUE)
+                p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+                ds = p * (_dot(d_out, v_ref[cols, :], trans_b=True) - delta[:, None])
+                return dqr + _dot(ds.astype(dtype), keys)
+
+            first = jnp.maximum(t0 - window + 1, 0) // key_block
+            last = (t0 + sub - 1) // key_block
+            dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub, qr.shape[-1]), jnp.float32))
+            dqr_ref[blk, :] = scale * dqr
+        else:
+            dqr_ref[blk, :] = jnp.zeros((sub, dqr_ref.shape[-1]), jnp.float32)
+
+        if r0 + sub < chunk:
+            last_run = run_ref[t0 + sub - 1]
+            to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
+            weights = (writes * to_last).astype(dtype)
+            hk = hk * decay[None, :] + _dot(ks, weights, trans_a=True)
+            hv = hv * decay[:, None] + _dot(weights, vs, trans_a=True)
+            state_run = last_run
+    dgates_ref[pl.ds(chunk - sub, sub), :] = previous_dgates
+
+
+def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
+                           hk_ref, hv_ref, dhk_last_ref, dhv_last_ref,
+                           dks_ref, dvs_ref, dwrites_ref, dgates_ref, dhk0_ref, dhv0_ref, *, chunk, sub, num_chunks):
+    """Reverse-in-time slot-state gradient for one (batch, query head, slice of dk and dv).
+
+    q [Tp, dk], do [Tp, dv] this head's queries and output gradient; a, p [Tp, m] from `_output_backward_kernel`;
+    ks [Tp, dk], vs [Tp, dv], gates, writes [Tp, m], run [Tp] the kv head's shifted slot inputs; hk [nC, dk, m],
+    hv [nC, m, dv] the forward's states entering each chunk; dhk_last [dk, m], dhv_last [m, dv] the gradient of
+    the final state. Carries dH^k, dH^v (gradient of the state leaving a sub-block) from the last sub-block to the
+    first, in the forward's sub-blocks: H_next = decay * H + (writes * to_last)^T @ (ks | vs), and each sub-block's
+    queries add q^T a, p^T do to the gradient of the state entering it. Outputs, float32: dks [Tp, dk],
+    dvs [Tp, dv]; dwrites, dgates [Tp, m] (partial sums over this program's dk/dv slice); dhk0 [dk, m], dhv0 [m, dv].
+    """
+    dtype = ks_ref.dtype
+    m_pad = gates_ref.shape[-1]
+    last_row = (jnp.arange(sub) == sub - 1)[:, None]
+
+    def block_inputs(c0, r0):
+        """Gates, run ids and hand-over of sub-block r0 of the chunk starting at c0."""
+        rows = pl.ds(c0 + r0, sub)
+        gates, runs = gates_ref[rows, :], run_ref[rows]
+        base = gates_ref[c0 + r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
+        state_run = run_ref[jnp.maximum(c0 + r0 - 1, 0)] if r0 > 0 else jnp.where(
+            c0 > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
+        to_last, decay = _handover(gates, runs, state_run, run_ref[c0 + r0 + sub - 1],
+                                   gates_ref[c0 + r0 + sub - 1, :], base)
+        return rows, to_last, decay
+
+    def body(i, carry):
+        dhk, dhv = carry
+        c = num_chunks - 1 - i
+        c0 = c * chunk
+        pending_base = None
+        for r0 in reversed(range(0, chunk, sub)):
+            # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
+            hk, hv = hk_ref[c, :, :], hv_ref[c, :, :]
+            for earlier in range(0, r0, sub):
+                rows, to_last, decay = block_inputs(c0, earlier)
+                weights = (writes_ref[rows, :] * to_last).astype(dtype)
+                hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
+                hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
+            rows, to_last, decay = block_inputs(c0, r0)
+            writes = writes_ref[rows, :]
+            weights = writes * to_last
+            dhk_c, dhv_c = dhk.astype(dtype), dhv.astype(dtype)
+            dks_ref[rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True)
+            dvs_ref[rows, :] = _dot(weights.astype(dtype), dhv_c)
+            d_weights = _dot(ks_ref[rows, :], dhk_c) + _dot(vs_ref[rows, :], dhv_c, trans_b=True)  # [sub, m]
+            decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
+            weight_gates = d_weights * weights
+            last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
+            if pending_base is not None:
+                last_grad += pending_base  # this row is the base of the sub-block after it
+            dwrites_ref[rows, :] = d_weights * to_last
+            dgates_ref[rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
+            pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
+            dhk = dhk * decay[None, :] + _dot(q_ref[rows, :], a_ref[rows, :].astype(dtype), trans_a=True)
+            dhv = dhv * decay[:, None] + _dot(p_ref[rows, :].astype(dtype), do_ref[rows, :], trans_a=True)
+        return dhk, dhv
+
+    dhk, dhv = jax.lax.fori_loop(0, num_chunks, body, (dhk_last_ref[...], dhv_last_ref[...]))
+    dhk0_ref[...] = dhk
+    dhv0_ref[...] = dhv
+
+
+def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dkr_ref, dv_ref, *,
+                            key_block, query_block, window, scale):
+    """Window dk and dv for one (batch, query head, block of keys), parallel over key blocks (no atomics).
+
+    qr [Tp, dk], do [Tp, dv], lse, delta [Tp] this head's rotated queries, output gradient and row statistics;
+    seg [Tp] window run ids; kr [K, dk], v [K, dv] this block's keys and values. Walks the query blocks that can
+    see the keys (t in [j, j + W)). Outputs dkr [K, dk], dv [K, dv] float32 for this query head.
+    """
+    kb = pl.program_id(2)
+    j0 = kb * key_block
+    t_pad = qr_ref.shape[0]
+    j_idx = j0 + jnp.arange(key_block)
+    query_rows = jnp.arange(query_block)
+    seg_k = seg_ref[pl.ds(j0, key_block)]
+    keys, values = kr_ref[...], v_ref[...]
+    dtype = keys.dtype
+
+    def query_step(qb, carry):
+        dk, dv = carry
+        rows = pl.ds(qb * query_block, query_block)
+        t_idx = qb * query_block + query_rows
+        visible = ((t_idx[None, :] >= j_idx[:, None]) & (t_idx[None, :] < j_idx[:, None] + window)
+                   & (seg_ref[rows][None, :] == seg_k[:, None]))  # [key, query]
+        qr, d_out = qr_ref[rows, :], do_ref[rows, :]
+        s = jnp.where(visible, _dot(keys, qr, trans_b=True) * scale, _MASK_VALUE)
+        p = jnp.where(visible, jnp.exp(s - lse_ref[rows][None, :]), 0.0)
+        ds = p * (_dot(values, d_out, trans_b=True) - delta_ref[rows][None, :])
+        return dk + _dot(ds.astype(dtype), qr), dv + _dot(p.astype(dtype), d_out)
+
+    first = j0 // query_block
+    last = jnp.minimum(j0 + key_block + window - 2, t_pad - 1) // query_block
+    init = (jnp.zeros(dkr_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(first, last + 1, query_step, init)
+    dkr_ref[...] = scale * dk
+    dv_ref[...] = dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +459,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
 
 def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
              window, num_slots, scale, chunk, config, interpret):
-    """Launches _output_kernel over (B, H, T/C): o [B, Tp, H, dv] in q.dtype."""
+    """Launches _output_kernel over (B, H, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, H, Tp] float32."""
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
@@ -260,125 +483,223 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
         grid=(batch, heads, t_pad // chunk),
         in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
                   chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs],
-        out_specs=query_chunk(dv),
-        out_shape=jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
+        out_specs=[query_chunk(dv), pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, t_pad), jnp.float32)],
         compiler_params=_compiler_params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="nha_output",
     )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run)
 
 
-def _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
-                 window, num_slots, scale, chunk, interpret, config=None):
-    """Forward of the core problem with the Pallas kernels. Shapes as `_core_xla`; returns (o, hk_final, hv_final).
+def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, *,
+                     window, num_slots, scale, chunk, config, interpret):
+    """Launches _output_backward_kernel over (B, H, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta [B, H, Tp].
 
-    config: a tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates); None = the table.
+    Returns float32 per query head: dq, dqr, dks [B, Tp, H, dk], dvs [B, Tp, H, dv], dwrites, dgates, a, p
+    [B, Tp, H, m] (see the kernel).
     """
-    if config is None:
-        config = triton_config(max(q.shape[3], vs.shape[3]), state_programs=ks.shape[0] * ks.shape[2])
-    hk, hv, hk_final, hv_final = _slot_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk, config=config,
-                                              interpret=interpret)
-    out = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
-                   scale=scale, chunk=chunk, config=config, interpret=interpret)
-    return out, hk_final, hv_final
+    batch, t_pad, heads, dk = q.shape
+    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
+    group = heads // kv_heads
+
+    def query_chunk(width):
+        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h, 0))
+
+    def kv_chunk(width):
+        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h // group, 0))
+
+    def kv_all(width):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, c: (b, 0, h // group, 0))
+
+    def chunk_state(*shape):
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // group, c, 0, 0))
+
+    runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+    row_stats = pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))
+    per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_output_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
+                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale),
+        grid=(batch, heads, t_pad // chunk),
+        in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
+                  chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs, query_chunk(dv),
+                  row_stats, row_stats],
+        out_specs=[query_chunk(dk), query_chunk(dk), query_chunk(dk), query_chunk(dv)] + [query_chunk(m)] * 4,
+        out_shape=[per_head(dk), per_head(dk), per_head(dk), per_head(dv)] + [per_head(m)] * 4,
+        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
+        interpret=interpret,
+        name="nha_output_backward",
+    )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta)
 
 
-def _core_xla(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *, window, num_slots, scale, chunk):
-    """The same chunked algorithm in XLA (what the backward pass differentiates).
+def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last, *,
+                    chunk, config, interpret):
+    """Launches _state_backward_kernel over (B, H, splits of dk and dv), sequential over chunks (last first).
 
-    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; gates, writes [B, Tp, Hkv, m] float32;
-    hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`.
-    Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] (float32).
+    q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
+    the forward's states entering each chunk [B, Hkv, nC, ...]; dhk_last [B, H, dk, m], dhv_last [B, H, m, dv]
+    the final-state gradient given to each query head. Returns float32 per query head: dks [B, Tp, H, dk],
+    dvs [B, Tp, H, dv], dwrites and dgates [splits, B, Tp, H, m] (sum over axis 0), dhk0 [B, H, dk, m],
+    dhv0 [B, H, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
     num_chunks = t_pad // chunk
+    splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
+    dk_part, dv_part = dk // splits, dv // splits
+
+    def head_tokens(width, split):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, i: (b, 0, h, i if split else 0))
+
+    def kv_tokens(width, split):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, i: (b, 0, h // group, i if split else 0))
+
+    def kv_chunk_states(*shape, split_axis):
+        def index(b, h, i):
+            return (b, h // group) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+        return pl.BlockSpec((None, None, *shape), index)
+
+    def head_state(*shape, split_axis):
+        def index(b, h, i):
+            return (b, h) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+        return pl.BlockSpec((None, None, *shape), index)
+
+    partial = pl.BlockSpec((None, None, t_pad, None, m), lambda b, h, i: (i, b, 0, h, 0))
     f32 = jnp.float32
-    lookback = min(max(window - 1, 0), t_pad)
-    pad_front = lambda x: jnp.pad(x, [(0, 0), (lookback, 0)] + [(0, 0)] * (x.ndim - 2))
-    kr_ext, v_ext = pad_front(kr.astype(f32)), pad_front(v.astype(f32))
-    seg_ext = jnp.pad(seg, [(0, 0), (lookback, 0)], constant_values=-2)
-    slot_valid = jnp.arange(m) < num_slots
-    rows = jnp.arange(chunk)
+    return pl.pallas_call(
+        functools.partial(_state_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
+                          num_chunks=num_chunks),
+        grid=(batch, heads, splits),
+        in_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), head_tokens(m, False),
+                  head_tokens(m, False), kv_tokens(dk_part, True), kv_tokens(dv_part, True), kv_tokens(m, False),
+                  kv_tokens(m, False), pl.BlockSpec((None, t_pad), lambda b, h, i: (b, 0)),
+                  kv_chunk_states(num_chunks, dk_part, m, split_axis=1),
+                  kv_chunk_states(num_chunks, m, dv_part, split_axis=2),
+                  head_state(dk_part, m, split_axis=0), head_state(m, dv_part, split_axis=1)],
+        out_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), partial, partial,
+                   head_state(dk_part, m, split_axis=0), head_state(m, dv_part, split_axis=1)],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dk), f32),
+                   jax.ShapeDtypeStruct((batch, t_pad, heads, dv), f32),
+                   jax.ShapeDtypeStruct((splits, batch, t_pad, heads, m), f32),
+                   jax.ShapeDtypeStruct((splits, batch, t_pad, heads, m), f32),
+                   jax.ShapeDtypeStruct((batch, heads, dk, m), f32),
+                   jax.ShapeDtypeStruct((batch, heads, m, dv), f32)],
+        compiler_params=_compiler_params(config.state_warps, config.state_stages),
+        interpret=interpret,
+        name="nha_state_backward",
+    )(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last)
 
-    def split(x):  # [B, Tp, ...] -> [nC, B, C, ...]
-        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
 
-    def grouped(x):  # [B, C, H, d] -> [B, C, Hkv, G, d]
-        return x.reshape(*x.shape[:2], kv_heads, group, x.shape[-1])
+def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
+    """Launches _window_backward_kernel over (B, H, Tp / key block): dkr [B, Tp, H, dk], dv [B, Tp, H, dv]
+    float32 per query head (the launcher sums each GQA group)."""
+    batch, t_pad, heads, dk = qr.shape
+    kv_heads, dv = kr.shape[2], v.shape[3]
+    group = heads // kv_heads
+    block = min(config.key_block, chunk)
 
-    @jax.checkpoint
-    def step(carry, xs):
-        hk, hv, state_run = carry
-        c, qc, qrc, ksc, vsc, gc, wc, runc = xs
-        qc, qrc = grouped(qc.astype(f32)), grouped(qrc.astype(f32))
-        ksc, vsc = ksc.astype(f32), vsc.astype(f32)
-        same_run = runc[:, :, None] == runc[:, None, :]  # [B, t, p]
-        causal = (rows[:, None] >= rows[None, :])[None] & same_run
-        diff = gc[:, :, None] - gc[:, None, :]  # [B, t, p, Hkv, m]
-        intra = jnp.where(causal[..., None, None], jnp.exp(jnp.where(causal[..., None, None], diff, 0.0)), 0.0)
-        intra = intra * wc[:, None]
-        inter = jnp.where((runc == state_run[:, None])[..., None, None], jnp.exp(gc), 0.0)  # [B, C, Hkv, m]
-        logits = jnp.einsum("btkgd,bkdm->btkgm", qc, hk) * inter[:, :, :, None]
-        qk = jnp.einsum("btkgd,bpkd->btpkg", qc, ksc)
-        logits += jnp.einsum("btpkg,btpkm->btkgm", qk, intra)
-        logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
-        # Window: keys [c0 - lookback, c0 + C) of the front-padded arrays.
-        start = c * chunk
-        kw = jax.lax.dynamic_slice_in_dim(kr_ext, start, lookback + chunk, axis=1)
-        vw = jax.lax.dynamic_slice_in_dim(v_ext, start, lookback + chunk, axis=1)
-        segw = jax.lax.dynamic_slice_in_dim(seg_ext, start, lookback + chunk, axis=1)
-        segq = jax.lax.dynamic_slice_in_dim(seg, start, chunk, axis=1)
-        offset = rows[:, None] + lookback - jnp.arange(lookback + chunk)[None, :]  # t - j
-        visible = (offset >= 0) & (offset < window)
-        visible = visible[None] & (segq[:, :, None] == segw[:, None, :])  # [B, t, j]
-        scores = jnp.einsum("btkgd,bjkd->btkgj", qrc, kw) * scale
-        scores = jnp.where(visible[:, :, None, None], scores, _MASK_VALUE)
-        # One softmax over both parts without concatenating them: a concatenate here was the likely source of a
-        # minutes-long XLA GPU compile of the backward (input_concatenate_fusion); not re-measured since.
-        row_max = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1), jnp.max(scores, axis=-1)))[..., None]
-        p_slot = jnp.where(slot_valid, jnp.exp(logits - row_max), 0.0)
-        p_win = jnp.where(visible[:, :, None, None], jnp.exp(scores - row_max), 0.0)
-        total = jnp.sum(p_slot, axis=-1, keepdims=True) + jnp.sum(p_win, axis=-1, keepdims=True)
-        p_slot, p_win = p_slot / total, p_win / total
-        out = jnp.einsum("btkgm,bkmv->btkgv", p_slot * inter[:, :, :, None], hv)
-        out += jnp.einsum("btkgm,btpkm,bpkv->btkgv", p_slot, intra, vsc)
-        out += jnp.einsum("btkgj,bjkv->btkgv", p_win, vw)
-        # State leaving the chunk.
-        last_run = runc[:, -1]
-        gate_last = gc[:, -1]  # [B, Hkv, m]
-        weights = wc * jnp.exp(gate_last[:, None] - gc) * (runc == last_run[:, None])[..., None, None]
-        decay = jnp.where((state_run == last_run)[:, None, None], jnp.exp(gate_last), 0.0)
-        hk = hk * decay[:, :, None, :] + jnp.einsum("bpkd,bpkm->bkdm", ksc, weights)
-        hv = hv * decay[..., None] + jnp.einsum("bpkm,bpkv->bkmv", weights, vsc)
-        return (hk, hv, last_run), out.reshape(batch, chunk, heads, dv).astype(q.dtype)
+    def head_all(width):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, kb: (b, 0, h, 0))
 
-    xs = (jnp.arange(num_chunks), split(q), split(qr), split(ks), split(vs), split(gates), split(writes), split(run))
-    init = (hk0, hv0, jnp.zeros((batch,), jnp.int32))
-    (hk, hv, _), outs = jax.lax.scan(step, init, xs)
-    return jnp.moveaxis(outs, 0, 1).reshape(batch, t_pad, heads, dv), hk, hv
+    def kv_block(width):
+        return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h // group, 0))
+
+    def out_block(width):
+        return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h, 0))
+
+    row_stats = pl.BlockSpec((None, None, t_pad), lambda b, h, kb: (b, h, 0))
+    return pl.pallas_call(
+        functools.partial(_window_backward_kernel, key_block=block, query_block=block, window=window, scale=scale),
+        grid=(batch, heads, t_pad // block),
+        in_specs=[head_all(dk), head_all(dv), row_stats, row_stats,
+                  pl.BlockSpec((None, t_pad), lambda b, h, kb: (b, 0)), kv_block(dk), kv_block(dv)],
+        out_specs=[out_block(dk), out_block(dv)],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dk), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, t_pad, heads, dv), jnp.float32)],
+        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
+        interpret=interpret,
+        name="nha_window_backward",
+    )(qr, d_out, lse, delta, seg, kr, v)
+
+
+def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
+             window, num_slots, scale, chunk, interpret, config=None):
+    """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, H, Tp], hk [B, Hkv, nC, dk, m],
+    hv [B, Hkv, nC, m, dv] the states entering each chunk, hk_final, hv_final).
+
+    config: a tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates); None = the table.
+    """
+    config = config or _config(q, ks, vs)
+    hk, hv, hk_final, hv_final = _slot_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk, config=config,
+                                              interpret=interpret)
+    out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+                        scale=scale, chunk=chunk, config=config, interpret=interpret)
+    return out, lse, hk, hv, hk_final, hv_final
+
+
+def _config(q, ks, vs):
+    return triton_config(max(q.shape[3], vs.shape[3]), state_programs=ks.shape[0] * ks.shape[2])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16))
 def _core(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret):
-    return _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
-                        window=window, num_slots=num_slots, scale=scale, chunk=chunk, interpret=interpret)
+    """The core problem prepared by `_prepare`, differentiable in its float inputs.
+
+    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; gates, writes [B, Tp, Hkv, m] float32;
+    hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`.
+    Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] (float32).
+    """
+    out, _, _, _, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
+                                                window=window, num_slots=num_slots, scale=scale, chunk=chunk,
+                                                interpret=interpret)
+    return out, hk_final, hv_final
 
 
 def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret):
-    outputs = _core_pallas(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
-                           window=window, num_slots=num_slots, scale=scale, chunk=chunk, interpret=interpret)
-    return outputs, (q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run)
+    out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
+                                                    window=window, num_slots=num_slots, scale=scale, chunk=chunk,
+                                                    interpret=interpret)
+    return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv)
 
 
 def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents):
-    del interpret
-    float_inputs, (seg, run) = residuals[:10], residuals[10:]
-    xla = functools.partial(_core_xla, seg=seg, run=run, window=window, num_slots=num_slots, scale=scale,
-                            chunk=chunk)
-    _, vjp = jax.vjp(lambda *xs: xla(*xs), *float_inputs)
-    return (*vjp(cotangents), None, None)
+    q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv = residuals
+    d_out, dhk_final, dhv_final = cotangents
+    batch, t_pad, heads, _ = q.shape
+    kv_heads = ks.shape[2]
+    group = heads // kv_heads
+    config = _config(q, ks, vs)
+    delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
+    d_out = d_out.astype(q.dtype)
+    dq, dqr, dks, dvs, dwrites, dgates, a, p = _output_backward(
+        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window,
+        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
+
+    def first_head_of_group(x):  # [B, Hkv, ...] -> [B, H, ...]: the kv head's gradient enters its group once
+        spread = jnp.zeros((batch, kv_heads, group) + x.shape[2:], jnp.float32).at[:, :, 0].set(x)
+        return spread.reshape((batch, heads) + x.shape[2:])
+
+    dks_state, dvs_state, dwrites_state, dgates_state, dhk0, dhv0 = _state_backward(
+        q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, first_head_of_group(dhk_final.astype(jnp.float32)),
+        first_head_of_group(dhv_final.astype(jnp.float32)), chunk=chunk, config=config, interpret=interpret)
+    if window > 0:
+        dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
+                                   config=config, interpret=interpret)
+    else:
+        dkr, dv = jnp.zeros(qr.shape, jnp.float32), jnp.zeros((batch, t_pad, heads, v.shape[3]), jnp.float32)
+
+    def group_sum(x):  # per query head [B, Tp, H, d] -> per kv head [B, Tp, Hkv, d]
+        return x.reshape(batch, t_pad, kv_heads, group, x.shape[-1]).sum(axis=3)
+
+    def group_sum_state(x):  # [B, H, ...] -> [B, Hkv, ...]
+        return x.reshape((batch, kv_heads, group) + x.shape[2:]).sum(axis=2)
+
+    return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
+            group_sum(dks + dks_state).astype(ks.dtype), group_sum(dvs + dvs_state).astype(vs.dtype),
+            group_sum(dgates + dgates_state.sum(axis=0)), group_sum(dwrites + dwrites_state.sum(axis=0)),
+            group_sum_state(dhk0), group_sum_state(dhv0), None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

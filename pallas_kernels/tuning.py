@@ -6,6 +6,10 @@ the GPU (the slot-state kernel is sequential over chunks inside a program). Meas
 bench/NOTES_kernels.md): at dk = dv = 128, m = 64, W = 64, chunk 32 beat 64 (output kernel 2.30 vs 3.27 ms at S1),
 sub-block 32 doubled the time (register spills), 8 warps beat 4, stages hardly mattered, and splitting the state
 kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
+With the backward kernels (same card and shapes), chunk 16 = one sub-block per program won forward+backward:
+S1 9.43 ms against 14.15 at chunk 32 (output backward 4.23 vs 7.53 ms, state backward 1.47 vs 3.01), at the cost of
+a slower forward slot-state kernel (0.74 vs 0.50 ms at S1, 3.37 vs 2.06 at S3); 4 backward warps lost (9.50 vs
+7.53 ms). The dk <= 64 and > 128 rows are not measured.
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ class TritonConfig:
       registers); key_block: keys per step of the window loop. Both powers of two >= 16, capped at chunk.
     output_warps / output_stages: num_warps / num_stages of the output kernel (grid B x H x T/chunk).
     state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv x state_splits, sequential over
-      chunks); state_splits: programs per (batch, kv head), each owning a slice of dk and dv (capped at dim / 16).
+      chunks) and its reverse in the backward (grid B x H x state_splits); state_splits: programs per (batch, head),
+      each owning a slice of dk and dv (capped at dim / 16).
+    backward_warps / backward_stages: the same for the two parallel backward kernels (output backward, grid
+      B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
     """
 
     chunk: int
@@ -32,16 +39,21 @@ class TritonConfig:
     state_warps: int
     state_stages: int
     state_splits: int
+    backward_warps: int
+    backward_stages: int
 
 
 # Keyed by max(padded dk, padded dv); the first row whose bound is >= the key wins.
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
     (64, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=4, output_stages=2,
-                      state_warps=4, state_stages=2, state_splits=1)),
-    (128, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=2,
-                       state_warps=8, state_stages=2, state_splits=1)),
+                      state_warps=4, state_stages=2, state_splits=1,
+                      backward_warps=4, backward_stages=2)),
+    (128, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=8, output_stages=2,
+                       state_warps=8, state_stages=2, state_splits=1,
+                       backward_warps=8, backward_stages=2)),
     (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,
-                           state_warps=8, state_stages=1, state_splits=1)),
+                           state_warps=8, state_stages=1, state_splits=1,
+                           backward_warps=8, backward_stages=1)),
 )
 # Below this many (batch, kv head) pairs the state kernel alone leaves most of an H100's 132 SMs idle.
 _FEW_STATE_PROGRAMS = 64
