@@ -44,10 +44,11 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
     stateful = initial_state is not None or return_state
     if impl == "auto":
         impl = _auto_impl()
-        if (impl == "pallas_triton" and m == 0 and window >= T and dv == dk and not stateful
+        if (impl == "pallas_triton" and m == 0 and dv == dk and not stateful
                 and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)):
-            # No slots and a window over everything is plain causal attention: cuDNN's flash attention runs it.
-            return causal_softmax_attention(q, k, v, scale=scale, rope_theta=rope_theta, implementation="cudnn")
+            # No slots is plain causal (sliding-window) attention: cuDNN's flash attention runs it.
+            return causal_softmax_attention(q, k, v, scale=scale, rope_theta=rope_theta, implementation="cudnn",
+                                            window=window if window < T else None)
     if impl == "naive":
         if stateful:
             raise ValueError("impl='naive' takes no initial_state/return_state; use impl='chunked' or 'recurrent'.")
@@ -237,14 +238,17 @@ def prefill(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0, segme
                          chunk_size=chunk_size)
 
 
-def causal_softmax_attention(q, k, v, *, scale, rope_theta, implementation):
-    """Causal softmax attention with RoPE, via jax.nn.dot_product_attention: what NHA is with m = 0 and
-    window >= T. q [B,T,H,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv] -> [B,T,H,dv] in q.dtype."""
+def causal_softmax_attention(q, k, v, *, scale, rope_theta, implementation, window=None):
+    """Causal softmax attention with RoPE, via jax.nn.dot_product_attention: what NHA is with m = 0 (window None:
+    every earlier token; else the last `window` tokens, the current one included).
+    q [B,T,H,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv] -> [B,T,H,dv] in q.dtype."""
     if rope_theta is not None:
         positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
         q = apply_rope(q, positions, rope_theta).astype(q.dtype)
         k = apply_rope(k, positions, rope_theta).astype(k.dtype)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+    local_window = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local_window,
+                                        implementation=implementation)
 
 
 def _auto_impl():
