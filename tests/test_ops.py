@@ -251,3 +251,27 @@ def test_rope_as_explicit_frequencies():
                            ref) <= 1e-4, impl
     with pytest.raises(ValueError, match="dk/2"):
         eager_nha_attention(q, k, v, la, window=6, rope_theta=scaled[:-1])
+
+
+def test_decays_across_sub_chunks_stay_exact():
+    """Runs of weak gates (decay ~1) that cross sub-chunk and chunk boundaries between runs of e^-30 gates, with a
+    document boundary inside a chunk: the chunked path's factorised decays must match the dense form, values and
+    gradients, to float32 precision (a difference of large cumulative gates would lose digits here)."""
+    T, W, m = 70, 2, 4
+    q, k, v, _ = random_inputs(17, 1, T, 2, 1, DK, DV, m)
+    t = jnp.arange(T)[None, :, None, None]
+    weak = ((t >= 5) & (t < 13)) | ((t >= 28) & (t < 37)) | (t >= 60)
+    la = jnp.where(weak, -0.01, -30.0) * jax.random.uniform(jax.random.PRNGKey(18), (1, T, 1, m), minval=0.5)
+    seg = jnp.asarray([[3] * 45 + [4] * 25])
+    weights = jax.random.normal(jax.random.PRNGKey(19), (1, T, 2, DV))
+
+    def out_and_grads(impl):  # one compilation gives both the output and all four gradients
+        def run(*x):
+            out, vjp = jax.vjp(lambda *x: nha_attention(*x, window=W, segment_ids=seg, impl=impl, chunk_size=32), *x)
+            return out, vjp(weights)
+        return jax.jit(run)(q, k, v, la)
+    out, grads = out_and_grads("chunked")
+    out_ref, grads_ref = out_and_grads("naive")
+    assert max_rel_err(out, out_ref) <= 1e-5
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_alpha"), grads, grads_ref):
+        assert max_rel_err(a, b) <= 1e-5, name
