@@ -150,11 +150,14 @@ class NHAAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [B, T, D], segment_ids [B, T] int (None = one document per row) -> [B, T, D]."""
-        batch, seq = x.shape[:2]
         q, k, v, log_alpha = self.project(x)
         out = ops.nha_attention(q, k, v, log_alpha, window=self.window, rope_theta=self.rope_theta,
                                 segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
-        out = out.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return self.output(out)
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """The operator's output to the residual stream: out [B, T, H, dv] -> [B, T, D] (RMSNorm(SiLU(o)), o_proj)."""
+        out = out.reshape(*out.shape[:2], self.num_heads * self.v_head_dim)
         if self.out_norm is not None:
             out = self.out_norm(jax.nn.silu(out))
         return self.o_proj(out)

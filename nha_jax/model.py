@@ -153,10 +153,12 @@ class LanguageModel(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens [B, T] int, segment_ids [B, T] int (None = one document per row) -> logits [B, T, V] float32."""
-        h = self.hidden_states(tokens, segment_ids)
+        return constrain(self.logits(self.hidden_states(tokens, segment_ids)), ("batch", "seq", "act_vocab"))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> logits [..., V] float32 (the head, or embed^T when tied)."""
         head = self.embed[...].T if self.head is None else self.head[...]
-        logits = jnp.dot(h, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+        return jnp.dot(h, head.astype(self.dtype), preferred_element_type=jnp.float32)
 
     def long_term_shares(self, tokens: jax.Array) -> jax.Array:
         """Mean slot share of attention mass per layer for one document: tokens [T] int -> [num_layers] float32.

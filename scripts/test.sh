@@ -7,8 +7,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # The converter's tests need transformers, which needs torch: the CPU build is enough (on this project's machines
 # torch==2.13.0 is a local CPU wheel; elsewhere pip fetches it from PyPI).
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,data,tpu-aot,convert]"
+# --no-compile: byte-compiling every file of the big wheels (torch, scipy, lm_eval's) costs more than the tests use.
+.venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-compile -e ".[test,data,tpu-aot,convert,eval]"
 export JAX_PLATFORMS=cpu
 export ALLOW_MULTIPLE_LIBTPU_LOAD=1  # libtpu takes a lock per process; pytest-xdist runs two
 exec .venv/bin/python -m pytest -n 2 "$@"

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))  # train.py and configs/ live at the repo root, ou
 import train as train_cli  # noqa: E402
 from configs.common import base_config  # noqa: E402
 from nha_jax import data  # noqa: E402
-from nha_jax.training import NonFiniteLossError, loop, train  # noqa: E402
+from nha_jax.training import NonFiniteLossError, train  # noqa: E402
 from nha_jax.training import step as step_module  # noqa: E402
 from nha_jax.training.checkpoint import Checkpointer  # noqa: E402
 

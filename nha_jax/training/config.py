@@ -5,6 +5,7 @@ Every problem is a ConfigError whose message names the key and the fix; train.py
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import ml_collections
 from nha_jax.model import COMPUTE_DTYPES, REMAT_POLICIES, layer_windows
 from nha_jax.ops import IMPLS
 from nha_jax.sharding import resolve_mesh_shape
+
+RUN_CONFIG_FILE = "config.json"  # written into every workdir by the trainer
 
 
 class ConfigError(ValueError):
@@ -152,3 +155,23 @@ def validate_for_devices(config: ml_collections.ConfigDict, device_count: int, p
     _require(config.global_batch_size % process_count == 0, "global_batch_size",
              f"must divide over {process_count} hosts, got {config.global_batch_size}.")
     return shape
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes <workdir>/config.json: the run's resolved config, which generation and eval read back."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / RUN_CONFIG_FILE).write_text(config.to_json(indent=2))
+
+
+def run_config(workdir: str, config_path: str | None = None, overrides: Sequence[str] = ()
+               ) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with: config_path plus overrides when given, else <workdir>/config.json."""
+    saved = Path(workdir) / RUN_CONFIG_FILE
+    if config_path:
+        config = load_config_file(config_path)
+    elif saved.is_file():
+        config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+    else:
+        raise ValueError(f"--workdir={workdir} has no {RUN_CONFIG_FILE}; pass --config with the file (and overrides) "
+                         "the run was trained with.")
+    return apply_overrides(config, overrides)

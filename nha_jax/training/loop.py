@@ -20,7 +20,7 @@ from nha_jax import data
 from nha_jax.model import layer_windows
 from nha_jax.sharding import logical_to_mesh_spec, make_mesh
 from nha_jax.training.checkpoint import Checkpointer, restore_params
-from nha_jax.training.config import validate, validate_for_devices
+from nha_jax.training.config import save_run_config, validate, validate_for_devices
 from nha_jax.training.metrics import (MetricsWriter, Throughput, peak_flops_per_device, progress_bar,
                                       train_flops_per_token)
 from nha_jax.training.optimizer import build_optimizer, learning_rate_schedule
@@ -85,6 +85,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
     mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
     mesh = make_mesh(*mesh_shape)
     is_chief = jax.process_index() == 0
+    if is_chief:
+        save_run_config(config.workdir, config)
 
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
     optimizer = build_optimizer(config.optimizer, config.total_steps)

@@ -1,0 +1,149 @@
+"""The small-scale reproduction: trains NHA, GSA, sliding window and Transformer++ (configs/repro.py, same budget)
+on MQAR and on text, then evaluates recall, perplexity and decode efficiency; writes <out>/repro.json and a table.
+
+    python eval/repro.py [--out runs/repro] [--tasks mqar,text] [--variants nha,gsa,swa,transformer]
+                         [--mqar-steps 300] [--text-steps 300]
+
+MQAR trains on sequences of 256 tokens with 4..64 key-value pairs per batch (the trainer's jitted step, fed by
+eval.mqar.mqar_batch); text trains with the ordinary trainer on WikiText-2 valid and is scored on WikiText-2 test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+MQAR_LEN, MQAR_BATCH, MQAR_KV = 256, 64, (4, 8, 16, 32, 64)
+MQAR_EVAL = ((8, 256), (16, 256), (32, 256), (64, 256), (32, 512), (64, 1024))
+
+
+def variant_config(variant: str, task: str, out: Path, steps: int, overrides=()):
+    from configs import repro
+    from nha_jax.training import apply_overrides, load_config_file
+
+    config = apply_overrides(load_config_file(str(REPO / "configs" / "repro.py")),
+                             repro.VARIANTS[variant] + list(overrides))
+    config.workdir = str(out / f"{variant}_{task}")
+    config.total_steps = steps
+    if task == "mqar":
+        config.seq_len, config.global_batch_size = MQAR_LEN, MQAR_BATCH
+    return config
+
+
+def train_mqar(config, seed: int = 0) -> dict:
+    """The trainer's jitted step on MQAR batches; saves the final checkpoint. Returns {loss, seconds}."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from eval.mqar import mqar_batch
+    from nha_jax.training.config import save_run_config
+    from nha_jax.sharding import logical_to_mesh_spec, make_mesh
+    from nha_jax.training.checkpoint import Checkpointer
+    from nha_jax.training.loop import resolve_vocab_size
+    from nha_jax.training.optimizer import build_optimizer, learning_rate_schedule
+    from nha_jax.training.state import state_layout
+    from nha_jax.training.step import jit_train_step
+
+    resolve_vocab_size(config)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    optimizer = build_optimizer(config.optimizer, config.total_steps)
+    layout = state_layout(config, optimizer, mesh)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        step_fn = jit_train_step(layout, optimizer, learning_rate_schedule(config.optimizer, config.total_steps), 1,
+                                 NamedSharding(mesh, logical_to_mesh_spec(("batch", "seq"))))
+        state = jax.jit(layout.init_fn, out_shardings=layout.shardings)(jax.random.PRNGKey(config.seed))
+        for _ in range(config.total_steps):
+            batch = mqar_batch(rng, batch=config.global_batch_size, num_kv=int(rng.choice(MQAR_KV)),
+                               seq_len=config.seq_len, vocab_size=config.model.vocab_size)
+            state, metrics = step_fn(state, batch)
+        loss = float(metrics["loss"])
+    checkpointer = Checkpointer(config.workdir, keep=1, async_save=False)
+    checkpointer.save(config.total_steps, state, {})
+    checkpointer.wait()
+    checkpointer.close()
+    save_run_config(config.workdir, config)
+    return {"final_loss": loss, "train_seconds": time.perf_counter() - start}
+
+
+def train_text(config) -> dict:
+    from nha_jax.training.config import save_run_config
+    from nha_jax.training import train
+
+    start = time.perf_counter()
+    summary = train(config)
+    save_run_config(config.workdir, config)
+    return {"final_loss": summary.get("final_loss"), "tokens_per_sec": summary.get("tokens_per_sec"),
+            "train_seconds": time.perf_counter() - start}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/repro")
+    parser.add_argument("--tasks", default="mqar,text")
+    parser.add_argument("--variants", default="nha,gsa,swa,transformer")
+    parser.add_argument("--mqar-steps", type=int, default=300)
+    parser.add_argument("--text-steps", type=int, default=300)
+    parser.add_argument("--mqar-samples", type=int, default=256, help="eval sequences per MQAR setting")
+    parser.add_argument("--text-eval-tokens", type=int, default=512 * 16 * 16, help="wikitext-2 test tokens scored")
+    parser.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
+    args = parser.parse_args(argv)
+
+    from eval import mqar, perplexity
+    from nha_jax.generate import load_model
+    from nha_jax.training.state import count_params
+    from flax import nnx
+
+    out = Path(args.out)
+    report_file = out / "repro.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    for task in args.tasks.split(","):
+        for variant in args.variants.split(","):
+            steps = args.mqar_steps if task == "mqar" else args.text_steps
+            config = variant_config(variant, task, out, steps, args.set)
+            shutil.rmtree(config.workdir, ignore_errors=True)  # a fresh run: the trainer would resume an old one
+            row = train_mqar(config) if task == "mqar" else train_text(config)
+            loaded = load_model(config.workdir)
+            row["params_m"] = count_params(nnx.state(loaded.model, nnx.Param)) / 1e6
+            if task == "mqar":
+                row["recall"] = {key: r["accuracy"] for key, r in
+                                 mqar.run(loaded, settings=MQAR_EVAL, samples=args.mqar_samples,
+                                                   batch_size=min(64, args.mqar_samples)).items()}
+            else:
+                wiki = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+                ppl = perplexity.run(loaded, files=[str(wiki)], batch_size=16, max_tokens=args.text_eval_tokens)
+                row.update(perplexity=ppl["test.txt"]["perplexity"], bits_per_byte=ppl["test.txt"]["bits_per_byte"])
+            report.setdefault(task, {})[variant] = row
+            report_file.parent.mkdir(parents=True, exist_ok=True)
+            report_file.write_text(json.dumps(report, indent=2))
+            print(f"{task} {variant}: {json.dumps(row)}", flush=True)
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    lines = []
+    if "mqar" in report:
+        settings = list(next(iter(report["mqar"].values()))["recall"])
+        lines += ["| MQAR recall | params | " + " | ".join(settings) + " | final loss | train s |",
+                  "|---" * (len(settings) + 4) + "|"]
+        lines += [f"| {v} | {r['params_m']:.1f}M | " + " | ".join(f"{r['recall'][s]:.3f}" for s in settings)
+                  + f" | {r['final_loss']:.3f} | {r['train_seconds']:.0f} |" for v, r in report["mqar"].items()]
+    if "text" in report:
+        lines += ["", "| text | params | wikitext-2 test ppl (bytes) | bits/byte | train tokens/s | final loss |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {r['params_m']:.1f}M | {r['perplexity']:.3f} | {r['bits_per_byte']:.3f} | "
+                  f"{r['tokens_per_sec'] or 0:.0f} | {r['final_loss']:.3f} |" for v, r in report["text"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
