@@ -7,7 +7,8 @@ Builds the model, optimizer and train step exactly as the trainer does (nha_jax.
 config's mesh over them, abstract inputs (no parameter is ever materialised) and the Mosaic TPU kernels for
 attention (model.attention_impl = "pallas_tpu", run under jax.shard_map), then `.lower(...).compile()`.
 Prints a table and, as the last line, one JSON object (topology, compiled, memory per device, FLOPs, ...).
-Exit codes: 0 compiled, 1 the compiler (or the tracing before it) refused, 2 bad arguments or config.
+Exit codes: 0 compiled and fits the chip's HBM, 1 the compiler (or the tracing before it) refused, or the compiled
+step needs more memory per chip than the chip has (compiled stays true, fits_hbm false), 2 bad arguments or config.
 Compile-time evidence only: it says the program fits and what it costs, never how fast it runs.
 """
 from __future__ import annotations
@@ -172,6 +173,12 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--target_days={args.target_days}: must be > 0.")
         config = apply_overrides(load_config_file(args.config), overrides)
         compile_train_step(config, args.topology, args.target_days, report)
+        if report["fits_hbm"] is False:  # XLA may compile a program larger than the chip's HBM without refusing it
+            message = (f"the compiled step needs {report['total_bytes'] / GIB:.2f} GiB per chip, more than the "
+                       f"{report['hbm_bytes'] / GIB:.0f} GiB of HBM")
+            report.update(error=message, hint=_failure_hint("out of memory"))
+            print(f"does not fit {args.topology}: {message}\nwhat to change: {report['hint']}", file=sys.stderr)
+            code = 1
     except ConfigError as error:
         report["error"] = f"config error: {error}"
         print(report["error"], file=sys.stderr)

@@ -112,8 +112,8 @@ class LanguageModel(nnx.Module):
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, *, seq_len: int, rngs: nnx.Rngs):
         self.windows = tuple(layer_windows(model_cfg, seq_len))
-        # Layers run as a lax.scan over groups of one schedule period (compile time ~ one group, not every layer).
-        self.scan_period = schedule_period(self.windows) if model_cfg.get("scan_layers", True) else len(self.windows)
+        # scan_layers: the layers run as a lax.scan over groups of one schedule period (docs/TRAINING.md).
+        self.scan_period = schedule_period(self.windows) if model_cfg.get("scan_layers", False) else len(self.windows)
         self.dtype = COMPUTE_DTYPES[model_cfg.compute_dtype]
         self.remat_policy = model_cfg.remat
         width, vocab = model_cfg.d_model, model_cfg.vocab_size
