@@ -6,8 +6,8 @@ Reproduces: the paper's 340M NHA run in shape. The paper trains on SlimPajama wi
 config.data at such a corpus and tokenizer (docs/DATA.md); the default data is the small embedded corpus.
 Command: python train.py --config configs/nha_340m.py --config.data.tokenizer=/path/to/tokenizer.model ...
 Hardware and time: 8 x H100 or a TPU v5p-16 class slice (FSDP over all devices). Time = 15B tokens / tokens/s;
-measured on one H100 with the XLA chunked operator (bench/bench_train.py, 2026-11-26): 26k tokens/s/GPU, 5% MFU,
-i.e. about 8 days on 8 GPUs before the Pallas kernels land. grad_accum_steps trades memory for steps.
+measured on one H100 before the Pallas backward kernels (bench/bench_train.py, 2026-11-26): 26k tokens/s/GPU, 5%
+MFU, i.e. about 8 days on 8 GPUs; not yet re-measured with them. grad_accum_steps trades memory for steps.
 Expect: NHA_SPEC section 5 reports the 1.3B results; at 340M expect wikitext perplexity a little below the
 Transformer++ and GSA 340M baselines (configs/transformer_340m.py, configs/gsa_340m.py) at the same tokens.
 """
