@@ -35,8 +35,11 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
-def tiny_config(workdir, **top_level):
-    """A 2-layer NHA LM (one window-8 layer with slots, one full layer) on 8 x 64 byte rows, one per fake device."""
+def tiny_config(workdir, attention_impl="naive", **top_level):
+    """A 2-layer NHA LM (one window-8 layer with slots, one full layer) on 8 x 64 byte rows, one per fake device.
+
+    The trainer's own tests (resume, NaN, preemption) run the dense "naive" operator, the fastest to compile on
+    the CPU; the learning test keeps the default ("auto" = chunked on the CPU)."""
     config = base_config()
     config.workdir = str(workdir)
     config.seq_len = 64
@@ -50,7 +53,7 @@ def tiny_config(workdir, **top_level):
     config.progress_bar = False
     config.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16,
                         mlp_hidden=128, num_slots=8, window=8, block_size=2, full_idx=1, chunk_size=16,
-                        compute_dtype="float32")
+                        compute_dtype="float32", attention_impl=attention_impl)
     config.optimizer.peak_lr = 3e-3
     config.optimizer.warmup_steps = 2
     config.update(top_level)
@@ -93,8 +96,8 @@ def record_batches(monkeypatch, log, sigterm_at=None):
 
 
 def test_default_config_learns(tmp_path):
-    config = tiny_config(tmp_path, total_steps=50, log_every=5, eval_every=50, eval_batches=2, diagnostic_every=50,
-                         diagnostic_tokens=64, checkpoint_every=50)
+    config = tiny_config(tmp_path, attention_impl="auto", total_steps=50, log_every=5, eval_every=50, eval_batches=2,
+                         diagnostic_every=50, diagnostic_tokens=64, checkpoint_every=50)
     summary = train(config)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(5, 51, 5))
@@ -177,7 +180,7 @@ def test_sigterm_to_the_cli_saves_and_exits_0(tmp_path):
     overrides = [f"--config.workdir={tmp_path}", "--config.total_steps=1000", "--config.log_every=1",
                  "--config.checkpoint_every=0", "--config.eval_every=0", "--config.diagnostic_every=0",
                  "--config.seq_len=32", "--config.global_batch_size=2", "--config.model.num_layers=1",
-                 "--config.model.block_size=0", "--config.progress_bar=false"]
+                 "--config.model.block_size=0", "--config.model.attention_impl=naive", "--config.progress_bar=false"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "default.py"), *overrides]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
