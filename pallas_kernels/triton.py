@@ -457,6 +457,28 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     )(ks, vs, gates, writes, run, hk0, hv0)
 
 
+class _ChunkSpecs:
+    """BlockSpecs of the (B, H, T/C) grid shared by the output kernel and its backward: per query head and chunk,
+    per kv head (GQA group of the query head) and chunk, a kv head's whole sequence, a chunk's slot state, and a
+    row's per-token run ids."""
+
+    def __init__(self, t_pad: int, chunk: int, group: int):
+        self.t_pad, self.chunk, self.group = t_pad, chunk, group
+        self.runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+
+    def query_chunk(self, width):
+        return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, h, 0))
+
+    def kv_chunk(self, width):
+        return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, h // self.group, 0))
+
+    def kv_all(self, width):
+        return pl.BlockSpec((None, self.t_pad, None, width), lambda b, h, c: (b, 0, h // self.group, 0))
+
+    def chunk_state(self, *shape):
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // self.group, c, 0, 0))
+
+
 def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
              window, num_slots, scale, chunk, config, interpret):
     """Launches _output_kernel over (B, H, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, H, Tp] float32."""
@@ -464,19 +486,9 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
 
-    def query_chunk(width):
-        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h, 0))
-
-    def kv_chunk(width):
-        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h // group, 0))
-
-    def kv_all(width):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, c: (b, 0, h // group, 0))
-
-    def chunk_state(*shape):
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // group, c, 0, 0))
-
-    runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+    specs = _ChunkSpecs(t_pad, chunk, group)
+    query_chunk, kv_chunk, kv_all, chunk_state, runs = (specs.query_chunk, specs.kv_chunk, specs.kv_all,
+                                                        specs.chunk_state, specs.runs)
     return pl.pallas_call(
         functools.partial(_output_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
                           key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale),
@@ -503,19 +515,9 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
 
-    def query_chunk(width):
-        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h, 0))
-
-    def kv_chunk(width):
-        return pl.BlockSpec((None, chunk, None, width), lambda b, h, c: (b, c, h // group, 0))
-
-    def kv_all(width):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, c: (b, 0, h // group, 0))
-
-    def chunk_state(*shape):
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // group, c, 0, 0))
-
-    runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+    specs = _ChunkSpecs(t_pad, chunk, group)
+    query_chunk, kv_chunk, kv_all, chunk_state, runs = (specs.query_chunk, specs.kv_chunk, specs.kv_all,
+                                                        specs.chunk_state, specs.runs)
     row_stats = pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), jnp.float32)
     return pl.pallas_call(

@@ -1,4 +1,6 @@
-"""Shared helpers for tests of the NHA operator and its kernels: random inputs and error measures."""
+"""Shared test helpers: random operator inputs, error measures, a persistent compilation cache."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,3 +44,17 @@ def jitted_nha():
     from nha_jax.ops import nha_attention
     return jax.jit(nha_attention, static_argnames=("window", "scale", "rope_theta", "return_state", "impl",
                                                     "chunk_size"))
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+    """Within the block, every compiled program is cached in `directory`: runs that stop and resume, or repeat a
+    run in process, compile the same programs again and find them there."""
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])

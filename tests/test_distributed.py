@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))  # train.py and configs/ live at the repo root, ou
 
 import train as train_cli  # noqa: E402
 from nha_jax.training import apply_overrides, load_config_file, train  # noqa: E402
+from nha_testing import persistent_compilation_cache  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "default.py"
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
@@ -52,12 +53,8 @@ sys.exit(train.main(sys.argv[1:]))
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """The two in-process runs compile the same programs: a persistent cache makes the second one cheap."""
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ import train as train_cli  # noqa: E402
 from configs.common import base_config  # noqa: E402
 from nha_jax import data  # noqa: E402
 from nha_jax.training import NonFiniteLossError, train  # noqa: E402
+from nha_testing import persistent_compilation_cache  # noqa: E402
 from nha_jax.training import step as step_module  # noqa: E402
 from nha_jax.training.checkpoint import Checkpointer  # noqa: E402
 
@@ -27,12 +28,8 @@ from nha_jax.training.checkpoint import Checkpointer  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Runs that stop and resume compile the same programs again: a persistent cache makes the repeats cheap."""
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 def tiny_config(workdir, attention_impl="naive", **top_level):
