@@ -2,7 +2,7 @@
 visible GPUs, for the NHA-340M config at T = 2048 on random tokens.
 
     python bench/bench_scaling.py [--config nha_340m] [--rows-per-gpu 8] [--check-steps 3] [--steps 6]
-                                  [--compile-threads 0] [--set key=value ...]
+                                  [--compile-threads 0] [--mesh-timeout 0] [--set key=value ...]
 
 Work per GPU is held fixed: the N-GPU meshes train a global batch of rows_per_gpu x N rows; the one-GPU reference
 trains the same global batch as N microbatches (grad_accum_steps = N: the same gradient, the memory of rows_per_gpu
@@ -16,6 +16,7 @@ at a time); the timed steps run one mesh at a time. Prints a table last; exit 1 
 """
 import argparse
 import concurrent.futures
+import faulthandler
 import json
 import sys
 import time
@@ -89,13 +90,19 @@ class Run:
         with jax.set_mesh(self.mesh):
             step = jit_train_step(self.layout, self.optimizer, schedule, config.grad_accum_steps, self.batch_sharding)
             self.lowered = step.lower(self.layout.abstract_with_shardings(), abstract_batch)
+            # The initial state's program too: compiling it takes XLA:GPU about a minute at 340M, so it joins the
+            # concurrent compiles rather than running mesh by mesh.
+            seed = jax.random.PRNGKey(config.seed)
+            self.init_lowered = jax.jit(self.layout.init_fn, out_shardings=self.layout.shardings).lower(seed)
         self.row = {"mesh": name, "gpus": len(self.devices), "global_rows": global_rows,
                     "grad_accum_steps": config.grad_accum_steps, "lower_s": time.perf_counter() - start}
 
     def compile(self):
-        """Compiles the lowered step (thread-safe: XLA compiles on the host); records time and per-GPU memory."""
+        """Compiles the lowered step and initialiser (thread-safe: XLA compiles on the host); records the time and
+        the step's per-GPU memory."""
         start = time.perf_counter()
         self.compiled = self.lowered.compile()
+        self.init_compiled = self.init_lowered.compile()
         memory = self.compiled.memory_analysis()
         self.row["compile_s"] = time.perf_counter() - start
         self.row["xla_gib_per_gpu"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -103,9 +110,7 @@ class Run:
 
     def measure(self, batches: list[dict], check_steps: int, steps: int) -> None:
         """Runs check_steps + steps steps from the seeded initial state; records losses, grad norms, step times."""
-        with jax.set_mesh(self.mesh):
-            state = jax.jit(self.layout.init_fn, out_shardings=self.layout.shardings)(
-                jax.random.PRNGKey(self.config.seed))
+        state = self.init_compiled(jax.random.PRNGKey(self.config.seed))
         on_device = [jax.device_put(batch, self.batch_sharding) for batch in batches]
         losses, grad_norms, times = [], [], []
         for index in range(check_steps + steps):
@@ -138,6 +143,8 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--compile-threads", type=int, default=0, help="concurrent compiles (0 = one per mesh)")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
+    parser.add_argument("--mesh-timeout", type=float, default=0, help="seconds one mesh may take to run its steps "
+                        "before the stacks are printed and the run ends (0 = no limit)")
     args = parser.parse_args()
 
     gpus = jax.device_count()
@@ -153,7 +160,10 @@ def main():
         list(pool.map(Run.compile, runs))
     batches = random_batches(global_rows, base.seq_len, base.model.vocab_size)
     for run in runs:
+        if args.mesh_timeout:  # a mesh that hangs (a stuck collective) prints every thread's stack and ends the run
+            faulthandler.dump_traceback_later(args.mesh_timeout, exit=True)
         run.measure(batches, args.check_steps, args.steps)
+        faulthandler.cancel_dump_traceback_later()
         print(json.dumps(run.row), flush=True)
 
     reference = runs[0].row

@@ -778,8 +778,13 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     la_src = shift(_pad_axis(log_alpha.astype(jnp.float32), 1, t_pad))
     shifted_gates = jnp.where(writes_ok[:, :, None, None], la_src, 0.0)
     writes = jnp.where(writes_ok[:, :, None, None], -jnp.expm1(la_src), 0.0)
-    gates = jnp.cumsum(shifted_gates.reshape(batch, t_pad // chunk, chunk, kv_heads, m), axis=2)
-    gates = gates.reshape(batch, t_pad, kv_heads, m)
+    if window >= seq:
+        # No token reaches the slots, so every gate is a constant 0. Left as a cumsum of that constant, XLA:GPU
+        # constant-folds it element by element: minutes of compile time per full-window layer.
+        gates = jnp.zeros_like(shifted_gates)
+    else:
+        gates = jnp.cumsum(shifted_gates.reshape(batch, t_pad // chunk, chunk, kv_heads, m), axis=2)
+        gates = gates.reshape(batch, t_pad, kv_heads, m)
     ks, vs = shift(k_p), shift(v_p)
     run = jnp.maximum(seg, 0)  # dummy tokens (-1) are transparent to the slots: run 0's state passes through
 

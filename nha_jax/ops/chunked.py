@@ -128,6 +128,10 @@ def nha_chunked(q, k, v, log_alpha, runs, positions, carry, *, window, scale, ro
             feeds = (fed(ext_run) == run_c) & step_real & slots_fed  # [B, n, r]
             # Gates and decays are laid out head-major, [B, n, Hkv, C, m], the layout their matmuls read.
             gate = jnp.moveaxis(jnp.where(feeds[..., None, None], fed(ext_la), 0.0), 3, 2)
+            if not slots_fed:
+                # The gates are then a constant 0; the barrier stops XLA from constant-folding the cumulative sums
+                # below element by element (minutes of compile time on GPU at training shapes).
+                gate = jax.lax.optimization_barrier(gate)
             write = -jnp.expm1(gate)
             cum = jnp.cumsum(gate, axis=3)  # chunk-local cumulative log gates, <= 0 and non-increasing
             k_in, v_in = fed(ext_k), fed(ext_v)
