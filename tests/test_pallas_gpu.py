@@ -4,6 +4,8 @@ nha_jax.ops references.
 Small shapes with block_size=16 or 32 so that a few dozen tokens cross several chunk and sub-block boundaries.
 Everything is jitted: interpret mode executed op by op costs several times its compile.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -185,3 +187,21 @@ def test_bad_input_raises_value_error(change, match):
     seg = jnp.zeros((1, 8), jnp.int32)
     with pytest.raises(ValueError, match=match):
         _triton(q, k, v, log_alpha, seg, window=change.get("window", 2), block_size=change.get("block_size", 16))
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "chunked"])
+def test_full_window_gates_are_not_a_cumsum_of_constants(impl):
+    """With W >= T no token reaches the slots, so every gate is a constant 0. A cumulative sum over such a constant
+    is folded by XLA:GPU element by element at compile time (minutes per layer at training shapes): the Triton path
+    must pass the gates as zeros, the chunked path must hide them behind an optimisation barrier."""
+    q, k, v, log_alpha, _ = _inputs(0, 1, 24, 2, 1, 8, 8, 4)
+    float_cumsum = re.compile(r"f32\[[^\]]*\] = cumsum")
+
+    def jaxpr(window):
+        loss = lambda *args: nha_attention(*args, window=window, impl=impl, chunk_size=8).sum()
+        return str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_alpha))
+
+    if impl == "pallas_triton":
+        assert float_cumsum.search(jaxpr(8)) and not float_cumsum.search(jaxpr(24))
+    else:  # the chunked path's gates are constant only when W > T (at W = T they still depend on the run ids)
+        assert "optimization_barrier" not in jaxpr(24) and "optimization_barrier" in jaxpr(40)
