@@ -100,3 +100,20 @@ def test_mesh_that_does_not_divide_the_devices_is_a_config_error():
     code, report, stderr = _aot("default.py", "--topology", "v5p:2x2x1", "--config.mesh.data=3")
     assert code == 2 and report["compiled"] is False
     assert "mesh" in report["error"] and "config error" in stderr
+
+
+def test_step_that_compiles_but_exceeds_hbm_exits_1_with_a_hint(monkeypatch, capsys):
+    """libtpu may compile a step larger than the chip's HBM without refusing it: the CLI itself must then fail.
+    The compile is stubbed with a report a real one gives (the real compiles are the tests above)."""
+    from nha_jax import aot
+
+    def oversized_compile(config, topology, target_days, report):
+        report.update(compiled=True, hbm_bytes=95 * aot.GIB, total_bytes=105 * aot.GIB, fits_hbm=False)
+
+    monkeypatch.setattr(aot, "compile_train_step", oversized_compile)
+    code = aot.main(["--config", str(REPO / "configs" / "default.py"), "--topology", "v5p:2x2x1"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 1 and report["compiled"] is True and report["fits_hbm"] is False
+    assert "105.00 GiB per chip" in report["error"] and "grad_accum_steps" in report["hint"]
+    assert "does not fit v5p:2x2x1" in captured.err
