@@ -62,16 +62,6 @@ def _aot(config, *overrides):
 FSDP = ("--config.mesh.data=1", "--config.mesh.fsdp=-1")
 
 
-def test_default_train_step_compiles_for_v5p_with_fsdp():
-    code, report, stderr = _aot("default.py", "--topology", "v5p:2x2x1", *FSDP)
-    assert code == 0, stderr[-3000:]
-    assert report["compiled"] is True and report["topology"] == "v5p:2x2x1"
-    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert report["mosaic_kernels"] >= 4 * 4  # forward, slot backward, window dq, window dkv in each of 4 layers
-    assert 0 < report["argument_bytes"] < report["hbm_bytes"] and report["temp_bytes"] > 0
-    assert report["output_bytes"] > 0 and report["flops"] > 0 and report["fits_hbm"] is True
-
-
 def test_340m_train_step_compiles_for_v5p_with_fsdp():
     """The 340M layer shapes (d_model 1024, 16 / 4 heads of 64, m = 64, 32k vocab, remat) with 2 of its 24 layers
     (one W = 32, one full) and batch 8 x 512: the full config takes about five CPU minutes to compile (docs/TPU.md
@@ -80,11 +70,14 @@ def test_340m_train_step_compiles_for_v5p_with_fsdp():
                                 "--config.model.windows=(32, 512)", "--config.global_batch_size=8",
                                 "--config.seq_len=512")
     assert code == 0, stderr[-3000:]
-    assert report["compiled"] is True and report["mesh"]["fsdp"] == 4
-    assert report["mosaic_kernels"] >= 2 * 4 and report["remat"] == "dots_with_no_batch_dims_saveable"
+    assert report["compiled"] is True and report["topology"] == "v5p:2x2x1"
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["mosaic_kernels"] >= 2 * 4  # forward, slot backward, window dq, window dkv in each layer
+    assert report["remat"] == "dots_with_no_batch_dims_saveable"
     assert report["params"] > 70e6  # the 32k x 1024 embedding and head alone
     # FSDP: each device holds about a quarter of the float32 params and two Adam moments (12 bytes per param).
-    assert report["argument_bytes"] < 12 * report["params"] / 2
+    assert 0 < report["argument_bytes"] < 12 * report["params"] / 2
+    assert report["output_bytes"] > 0 and report["temp_bytes"] > 0 and report["fits_hbm"] is True
     assert report["flops"] > 0 and 0 < report["mfu_needed"]
 
 
