@@ -2,10 +2,12 @@
 on MQAR and on text, then evaluates recall, perplexity and decode efficiency; writes <out>/repro.json and a table.
 
     python eval/repro.py [--out runs/repro] [--tasks mqar,text] [--variants nha,gsa,swa,transformer]
-                         [--mqar-steps 300] [--text-steps 300]
+                         [--mqar-steps 300] [--text-steps 300] [--jobs 1]
 
 MQAR trains on sequences of 256 tokens with 4..64 key-value pairs per batch (the trainer's jitted step, fed by
 eval.mqar.mqar_batch); text trains with the ordinary trainer on WikiText-2 valid and is scored on WikiText-2 test.
+--jobs N runs N of the (task, variant) runs at once, each in its own process with 1/N of the accelerator's memory:
+these ~20M-parameter models leave most of a GPU idle, and their compiles then overlap on the host's cores.
 """
 from __future__ import annotations
 
@@ -86,6 +88,35 @@ def train_text(config) -> dict:
             "train_seconds": time.perf_counter() - start}
 
 
+def run_in_processes(common_args, runs, jobs: int, report_file: Path) -> dict:
+    """Runs each (task, variant) of `runs` as `repro.py common_args --tasks task --variants variant --report <its
+    own file>`, `jobs` at a time, each with 1/jobs of the accelerator's memory. Returns {task: {variant: row}}."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / jobs:.3f}", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    pending, running, rows = list(runs), [], {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            task, variant = pending.pop(0)
+            row_file = report_file.parent / "rows" / f"{task}_{variant}.json"
+            row_file.unlink(missing_ok=True)
+            command = [sys.executable, __file__, *common_args, "--jobs", "1", "--tasks", task, "--variants", variant,
+                       "--report", str(row_file)]
+            running.append((subprocess.Popen(command, env=env), row_file, task, variant))
+        time.sleep(1)
+        for entry in [e for e in running if e[0].poll() is not None]:
+            running.remove(entry)
+            process, row_file, task, variant = entry
+            if process.returncode:
+                raise SystemExit(f"the {task} run of {variant} failed (exit {process.returncode}); its output is above.")
+            rows[task, variant] = json.loads(row_file.read_text())[task][variant]
+    report = {}
+    for task, variant in runs:  # in the order asked for, not the order they finished
+        report.setdefault(task, {})[variant] = rows[task, variant]
+    return report
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/repro")
@@ -96,7 +127,11 @@ def main(argv):
     parser.add_argument("--mqar-samples", type=int, default=256, help="eval sequences per MQAR setting")
     parser.add_argument("--text-eval-tokens", type=int, default=512 * 16 * 16, help="wikitext-2 test tokens scored")
     parser.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--report", default=None, help="the JSON report to update (default <out>/repro.json)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
     from eval import mqar, perplexity
     from nha_jax.generate import load_model
@@ -104,28 +139,38 @@ def main(argv):
     from flax import nnx
 
     out = Path(args.out)
-    report_file = out / "repro.json"
+    report_file = Path(args.report) if args.report else out / "repro.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    for task in args.tasks.split(","):
-        for variant in args.variants.split(","):
-            steps = args.mqar_steps if task == "mqar" else args.text_steps
-            config = variant_config(variant, task, out, steps, args.set)
-            shutil.rmtree(config.workdir, ignore_errors=True)  # a fresh run: the trainer would resume an old one
-            row = train_mqar(config) if task == "mqar" else train_text(config)
-            loaded = load_model(config.workdir)
-            row["params_m"] = count_params(nnx.state(loaded.model, nnx.Param)) / 1e6
-            if task == "mqar":
-                row["recall"] = {key: r["accuracy"] for key, r in
-                                 mqar.run(loaded, settings=MQAR_EVAL, samples=args.mqar_samples,
-                                                   batch_size=min(64, args.mqar_samples)).items()}
-            else:
-                wiki = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
-                ppl = perplexity.run(loaded, files=[str(wiki)], batch_size=16, max_tokens=args.text_eval_tokens)
-                row.update(perplexity=ppl["test.txt"]["perplexity"], bits_per_byte=ppl["test.txt"]["bits_per_byte"])
-            report.setdefault(task, {})[variant] = row
-            report_file.parent.mkdir(parents=True, exist_ok=True)
-            report_file.write_text(json.dumps(report, indent=2))
-            print(f"{task} {variant}: {json.dumps(row)}", flush=True)
+    runs = [(task, variant) for task in args.tasks.split(",") for variant in args.variants.split(",")]
+    if args.jobs > 1:
+        common = ["--out", args.out, "--mqar-steps", str(args.mqar_steps), "--text-steps", str(args.text_steps),
+                  "--mqar-samples", str(args.mqar_samples), "--text-eval-tokens", str(args.text_eval_tokens)]
+        common += [item for override in args.set for item in ("--set", override)]
+        for task, rows in run_in_processes(common, runs, args.jobs, report_file).items():
+            report.setdefault(task, {}).update(rows)
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps(report, indent=2))
+        print(table(report))
+        return
+    for task, variant in runs:
+        steps = args.mqar_steps if task == "mqar" else args.text_steps
+        config = variant_config(variant, task, out, steps, args.set)
+        shutil.rmtree(config.workdir, ignore_errors=True)  # a fresh run: the trainer would resume an old one
+        row = train_mqar(config) if task == "mqar" else train_text(config)
+        loaded = load_model(config.workdir)
+        row["params_m"] = count_params(nnx.state(loaded.model, nnx.Param)) / 1e6
+        if task == "mqar":
+            row["recall"] = {key: r["accuracy"] for key, r in
+                             mqar.run(loaded, settings=MQAR_EVAL, samples=args.mqar_samples,
+                                      batch_size=min(64, args.mqar_samples)).items()}
+        else:
+            wiki = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+            ppl = perplexity.run(loaded, files=[str(wiki)], batch_size=16, max_tokens=args.text_eval_tokens)
+            row.update(perplexity=ppl["test.txt"]["perplexity"], bits_per_byte=ppl["test.txt"]["bits_per_byte"])
+        report.setdefault(task, {})[variant] = row
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps(report, indent=2))
+        print(f"{task} {variant}: {json.dumps(row)}", flush=True)
     print(table(report))
 
 
