@@ -239,17 +239,15 @@ def test_rope_as_explicit_frequencies():
     """rope_theta may be the dk/2 inverse frequencies (scaled RoPE): theta's own frequencies give theta's result,
     other frequencies change only the window branch, and every impl agrees on them."""
     q, k, v, la = random_inputs(13, B, 33, 4, HKV, DK, DV, 8)
-    # Jitted: the interpreted kernels run op by op otherwise, several times slower than their compile.
-    attend = jax.jit(nha_attention, static_argnames=("window", "rope_theta", "impl", "chunk_size"))
     theta_freqs = tuple(float(f) for f in 500.0 ** (-np.arange(DK // 2) / (DK // 2)))
-    base = attend(q, k, v, la, window=6, rope_theta=500.0, impl="chunked", chunk_size=16)
-    same = attend(q, k, v, la, window=6, rope_theta=theta_freqs, impl="chunked", chunk_size=16)
+    base = nha_attention(q, k, v, la, window=6, rope_theta=500.0, impl="chunked", chunk_size=16)
+    same = nha_attention(q, k, v, la, window=6, rope_theta=theta_freqs, impl="chunked", chunk_size=16)
     assert max_rel_err(same, base) <= 1e-6
     scaled = tuple(f / 8 for f in theta_freqs)
-    ref = attend(q, k, v, la, window=6, rope_theta=scaled, impl="naive")
+    ref = nha_attention(q, k, v, la, window=6, rope_theta=scaled, impl="naive")
     assert max_rel_err(ref, base) > 1e-3
     for impl in ("chunked", "recurrent", "pallas_triton", "pallas_tpu"):  # the kernels run interpreted on CPU
-        assert max_rel_err(attend(q, k, v, la, window=6, rope_theta=scaled, impl=impl, chunk_size=16),
+        assert max_rel_err(nha_attention(q, k, v, la, window=6, rope_theta=scaled, impl=impl, chunk_size=16),
                            ref) <= 1e-4, impl
     with pytest.raises(ValueError, match="dk/2"):
         eager_nha_attention(q, k, v, la, window=6, rope_theta=scaled[:-1])
