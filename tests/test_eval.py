@@ -156,4 +156,3 @@ def test_lm_eval_model_class(workdir, tmp_path, monkeypatch):
     results = lm_harness.evaluate(loaded, tasks=["tiny_choice"], include_path=str(tmp_path), batch_size=4,
                                   include_defaults=False)
     assert 0 <= results["tiny_choice"]["acc,none"] <= 1
-

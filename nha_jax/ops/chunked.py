@@ -130,7 +130,7 @@ def nha_chunked(q, k, v, log_alpha, runs, positions, carry, *, window, scale, ro
             gate = jnp.moveaxis(jnp.where(feeds[..., None, None], fed(ext_la), 0.0), 3, 2)
             if not slots_fed:
                 # The gates are then a constant 0; the barrier stops XLA from constant-folding the cumulative sums
-                # below element by element (minutes of compile time on GPU at training shapes).
+                # below element by element (it took minutes per layer on GPU for the Triton path's same gates).
                 gate = jax.lax.optimization_barrier(gate)
             write = -jnp.expm1(gate)
             cum = jnp.cumsum(gate, axis=3)  # chunk-local cumulative log gates, <= 0 and non-increasing
