@@ -30,6 +30,8 @@ def main(argv):
     parser.add_argument("--models", default="nha,transformer")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.num_layers=4")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each model's device time per kernel of one decode loop at the first context")
     args = parser.parse_args(argv)
 
     import jax
@@ -59,6 +61,8 @@ def main(argv):
             print(f"{name:12s} {context:6d}: {r['decode_ms_per_token']:.3f} ms/token, "
                   f"cache {r['cache_bytes'] / 2**20:.1f} MiB", flush=True)
         print(f"{name}: {time.perf_counter() - start:.0f} s including compilation", flush=True)
+        if args.profile:
+            profile_decode(name, model, config.seq_len, contexts[0], args.batch, args.decode_steps)
         del model
 
     by = {(r["model"], r["context"]): r for r in rows}
@@ -77,6 +81,23 @@ def main(argv):
         print(f"\nNHA latency, longest / shortest context: {nha[-1] / nha[0]:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def profile_decode(name, model, train_len, context, batch, decode_steps):
+    """Prints the device time per kernel of one jitted loop of decode_steps tokens from a `context`-token cache."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.common import kernel_table, print_kernel_table
+    from eval.efficiency import decode_loop
+    from nha_jax import generation
+
+    full = generation.full_layers(model, train_len)
+    state = generation.synthetic_decode_state(model, batch=batch, context=context, full=full,
+                                              max_context=context + decode_steps)
+    graphdef, params = nnx.split(model)
+    rows = kernel_table(decode_loop(graphdef, decode_steps), (params, state, jnp.zeros((batch,), jnp.int32)))
+    print_kernel_table(f"{name}, batch {batch}, context {context}, {decode_steps} tokens", rows)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=d
 Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...]
-       [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa]
+       [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
+--profile also prints each impl's forward+backward device time per kernel (XLA fusions included) per shape.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.common import make_inputs
+from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
 from pallas_kernels.triton import (_output_backward, _outputs, _prepare, _slot_states, _state_backward,
@@ -185,6 +186,7 @@ def main():
     parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}")
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device time of each fwd+bwd")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     key = jax.random.PRNGKey(0)
@@ -218,6 +220,8 @@ def main():
                     cells.append(float("nan"))
             table.append((shape, name, *cells, flops, bytes_moved))
             print(f"{shape} {name}: fwd {cells[0]:.3f} ms, fwd+bwd {cells[1]:.3f} ms", flush=True)
+            if args.profile:
+                print_kernel_table(f"{shape} {name} fwd+bwd", kernel_table(fwd_bwd, (q, k, v, la)))
     print(f"\n{'shape':5s} {'impl':16s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} {'fwd TB/s':>9s}")
     for shape, name, fwd_ms, fb_ms, flops, bytes_moved in table:
         batch, seq = SHAPES[shape]

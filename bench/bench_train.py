@@ -2,7 +2,7 @@
 NHA-340M against Transformer++-340M, at several sequence lengths, in one run.
 
     python bench/bench_train.py [--models nha_340m,transformer_340m] [--seq-lens 2048,8192]
-                                [--tokens-per-step 16384] [--steps 10] [--set model.remat=full ...]
+                                [--tokens-per-step 16384] [--steps 10] [--jobs N] [--set model.remat=full ...]
 
 Each (model, T) runs in its own subprocess so that its peak memory is its own. Batches are random tokens, one
 document per row (so full-window layers really attend over T) and no segment ids, so that the Transformer++ full
@@ -11,6 +11,7 @@ layers take cuDNN flash attention (`impl="auto"` routes there only without segme
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,8 +20,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def wait_for_turn(turn_dir: str, run_id: str) -> None:
+    """With --jobs > 1: says this run is compiled, then waits until the parent gives it the GPU to itself."""
+    if not turn_dir:
+        return
+    Path(turn_dir, f"ready.{run_id}").touch()
+    while not Path(turn_dir, f"go.{run_id}").exists():
+        time.sleep(0.2)
+
+
 def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str],
-            packed: bool) -> dict:
+            packed: bool, turn_dir: str = "", run_id: str = "") -> dict:
     """Compiles and times the train step of configs/<config_name>.py at seq_len; returns one result row."""
     sys.path.insert(0, str(REPO))
     import jax
@@ -66,6 +76,7 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
         start = time.perf_counter()
         compiled = step.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - start
+        wait_for_turn(turn_dir, run_id)
         for i in range(2):  # warm-up
             state, metrics = compiled(state, batches[i % 2])
         jax.block_until_ready(metrics)
@@ -92,6 +103,50 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
             "impl": config.model.attention_impl, "remat": config.model.remat, "packed": packed}
 
 
+def run_all(runs, args):
+    """Yields each run's row (or a failed marker), in order. Up to --jobs processes compile at once; each is then
+    let through to its warm-up and timed steps alone, in order, so that no two time the GPU together."""
+    import tempfile
+
+    turn_dir = tempfile.mkdtemp(prefix="bench_train_") if args.jobs > 1 else ""
+    procs = {}
+
+    def launch(i):
+        name, seq_len = runs[i]
+        command = [sys.executable, __file__, "--one", f"{name}:{seq_len}", "--tokens-per-step",
+                   str(args.tokens_per_step), "--steps", str(args.steps), "--turn-dir", turn_dir]
+        command += [f"--set={s}" for s in args.set] + (["--packed"] if args.packed else [])
+        handle, log = tempfile.mkstemp(prefix=f"bench_train_{name}_{seq_len}_", suffix=".log")
+        # A file, not a pipe: XLA's log lines must never block the child. Processes sharing the GPU allocate on
+        # demand instead of each taking 75% of its memory up front.
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if turn_dir else None
+        with os.fdopen(handle, "w") as out:
+            procs[i] = (subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env),
+                        Path(log))
+
+    for i in range(min(args.jobs, len(runs))):
+        launch(i)
+    for i, (name, seq_len) in enumerate(runs):
+        proc, log = procs.pop(i)
+        if turn_dir:
+            run_id = f"{name}_{seq_len}"
+            while proc.poll() is None and not Path(turn_dir, f"ready.{run_id}").exists():
+                time.sleep(0.2)
+            Path(turn_dir, f"go.{run_id}").touch()
+        proc.wait()
+        if i + args.jobs < len(runs):
+            launch(i + args.jobs)
+        output = log.read_text()
+        results = [line[7:] for line in output.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not results:
+            print(f"{name} T={seq_len} failed (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
+            yield {"model": name, "seq_len": seq_len, "failed": True}
+            continue
+        row = json.loads(results[0])
+        print(json.dumps(row), flush=True)
+        yield row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="nha_340m,transformer_340m")
@@ -101,28 +156,22 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--packed", action="store_true", help="feed segment ids, as packed training data does")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile up to N runs at once (each in its own process, all holding GPU memory); the "
+                             "timed steps still run one process at a time")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: "model:seq_len" in this process
+    parser.add_argument("--turn-dir", default="", help=argparse.SUPPRESS)  # internal: see wait_for_turn
     args = parser.parse_args()
 
     if args.one:
         name, seq_len = args.one.split(":")
-        print("RESULT " + json.dumps(measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set, args.packed)))
+        row = measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set, args.packed, args.turn_dir,
+                      args.one.replace(":", "_"))
+        print("RESULT " + json.dumps(row), flush=True)
         return
 
-    rows = []
-    for seq_len in [int(s) for s in args.seq_lens.split(",")]:
-        for name in args.models.split(","):
-            command = [sys.executable, __file__, "--one", f"{name}:{seq_len}", "--tokens-per-step",
-                       str(args.tokens_per_step), "--steps", str(args.steps)] + [f"--set={s}" for s in args.set]
-            command += ["--packed"] if args.packed else []
-            done = subprocess.run(command, capture_output=True, text=True)
-            results = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not results:
-                print(f"{name} T={seq_len} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
-                rows.append({"model": name, "seq_len": seq_len, "failed": True})
-                continue
-            rows.append(json.loads(results[0]))
-            print(json.dumps(rows[-1]), flush=True)
+    runs = [(name, int(seq_len)) for seq_len in args.seq_lens.split(",") for name in args.models.split(",")]
+    rows = [row for row in run_all(runs, args) if row]
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -43,3 +43,45 @@ def compiled_bytes(jitted, *args):
     """Device bytes the compiled program needs: arguments + outputs + temporaries (XLA's own accounting)."""
     mem = jitted.lower(*args).compile().memory_analysis()
     return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+
+
+def kernel_table(fn, args, top=15, calls=3):
+    """Device time per kernel of `calls` calls of fn(*args) (after warm-up), from a JAX profiler trace.
+
+    Returns [(kernel name, total ms per call, launches per call)] sorted by time, the `top` largest, plus a final
+    ("(all kernels)", ms, launches) row. Names are XLA's fusion / custom-call names (Pallas kernels keep theirs).
+    """
+    import collections
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and "/device:" in str(e.get("args", {}).get("name", ""))}
+    if not device_pids:
+        names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
+        raise RuntimeError(f"no device in the trace (processes: {names}); kernel_table needs a GPU or TPU")
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids:
+            totals[e["name"]] += e["dur"] / 1e3 / calls
+            counts[e["name"]] += 1 / calls
+    rows = [(name, ms, round(counts[name])) for name, ms in totals.most_common(top)]
+    return rows + [("(all kernels)", sum(totals.values()), round(sum(counts.values())))]
+
+
+def print_kernel_table(title, rows):
+    print(f"\n{title}: device ms per call by kernel")
+    for name, ms, launches in rows:
+        print(f"  {ms:9.3f} ms  x{launches:<5d} {name[:110]}")

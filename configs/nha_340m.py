@@ -6,9 +6,9 @@ Reproduces: the paper's 340M NHA run in shape. The paper trains on SlimPajama wi
 config.data at such a corpus and tokenizer (docs/DATA.md); the default data is the small embedded corpus.
 Command: python train.py --config configs/nha_340m.py --config.data.tokenizer=/path/to/tokenizer.model ...
 Hardware and time: 8 x H100 or a TPU v5p-16 class slice (FSDP over all devices). Time = 15B tokens / tokens/s;
-measured with the Pallas kernels on H200s (bench/bench_scaling.py, 2026-11-26): 42.8k tokens/s on one GPU (8.4%
-MFU), 41.3k per GPU under FSDP over 4, i.e. about 13 hours on 8 GPUs (15B / (8 x 41k) s). grad_accum_steps
-trades memory for steps.
+measured on H200s (2026-11-26): 47.4k tokens/s on one GPU (9.3% MFU, bench/bench_train.py), and 41.3k per GPU
+under FSDP over 4 (bench/bench_scaling.py, before the full layers moved to cuDNN), i.e. about 13 hours on 8 GPUs
+(15B / (8 x 41k) s). grad_accum_steps trades memory for steps.
 Expect: NHA_SPEC section 5 reports the 1.3B results; at 340M expect wikitext perplexity a little below the
 Transformer++ and GSA 340M baselines (configs/transformer_340m.py, configs/gsa_340m.py) at the same tokens.
 """

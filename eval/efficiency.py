@@ -37,6 +37,19 @@ def _timed(fn, *args, repeats: int) -> float:
     return best
 
 
+def decode_loop(graphdef, decode_steps: int):
+    """jitted (params, cache, token [B]) -> (cache, last token [B]): `decode_steps` greedy steps, as generation runs
+    them (graphdef from nnx.split of the model)."""
+    @jax.jit
+    def run_decode(params, state, token):
+        def step(_, carry):
+            state, token = carry
+            logits, state = generation.decode_step(nnx.merge(graphdef, params), state, token)
+            return state, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, decode_steps, step, (state, token))
+    return run_decode
+
+
 def measure(model: LanguageModel, *, train_len: int, contexts, batch: int = 1, decode_steps: int = 16,
             repeats: int = 3, prefill: bool = True, seed: int = 0) -> dict:
     """{context: {"prefill_s", "decode_ms_per_token", "cache_bytes", "nha_cache_bytes", "kv_cache_bytes"}}.
@@ -53,13 +66,7 @@ def measure(model: LanguageModel, *, train_len: int, contexts, batch: int = 1, d
         return generation.prefill(nnx.merge(graphdef, params), tokens, None, full=full,
                                   max_context=tokens.shape[1] + decode_steps)
 
-    @jax.jit
-    def run_decode(params, state, token):
-        def step(_, carry):
-            state, token = carry
-            logits, state = generation.decode_step(nnx.merge(graphdef, params), state, token)
-            return state, jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.lax.fori_loop(0, decode_steps, step, (state, token))
+    run_decode = decode_loop(graphdef, decode_steps)
 
     results = {}
     rng = np.random.default_rng(seed)

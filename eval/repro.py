@@ -6,8 +6,9 @@ on MQAR and on text, then evaluates recall, perplexity and decode efficiency; wr
 
 MQAR trains on sequences of 256 tokens with 4..64 key-value pairs per batch (the trainer's jitted step, fed by
 eval.mqar.mqar_batch); text trains with the ordinary trainer on WikiText-2 valid and is scored on WikiText-2 test.
---jobs N runs N of the (task, variant) runs at once, each in its own process with 1/N of the accelerator's memory:
-these ~20M-parameter models leave most of a GPU idle, and their compiles then overlap on the host's cores.
+--jobs N runs N of the (task, variant) runs at once, each in its own process with 1/N of the accelerator's memory.
+Their compiles and host work overlap on the host's cores; their kernels do not: processes share one GPU by time
+slices, so the GPU time of the steps adds up as if the runs were one after another.
 """
 from __future__ import annotations
 
@@ -94,8 +95,10 @@ def run_in_processes(common_args, runs, jobs: int, report_file: Path) -> dict:
     import os
     import subprocess
 
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / jobs:.3f}", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    pending, running, rows = list(runs), [], {}
+    # Unbuffered: a run cut short (a time limit) still leaves its progress in the log.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / jobs:.3f}", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONUNBUFFERED="1")
+    pending, running, rows, start = list(runs), [], {}, time.perf_counter()
     while pending or running:
         while pending and len(running) < jobs:
             task, variant = pending.pop(0)
@@ -111,6 +114,8 @@ def run_in_processes(common_args, runs, jobs: int, report_file: Path) -> dict:
             if process.returncode:
                 raise SystemExit(f"the {task} run of {variant} failed (exit {process.returncode}); its output is above.")
             rows[task, variant] = json.loads(row_file.read_text())[task][variant]
+            print(f"[{time.perf_counter() - start:.0f} s] {task} {variant} done: {json.dumps(rows[task, variant])}",
+                  flush=True)
     report = {}
     for task, variant in runs:  # in the order asked for, not the order they finished
         report.setdefault(task, {})[variant] = rows[task, variant]

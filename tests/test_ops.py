@@ -225,14 +225,25 @@ def test_bad_arguments_raise_clear_errors(change, match):
         eager_nha_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_alpha"), **args)
 
 
-@pytest.mark.parametrize("window", [7, 40])
-def test_causal_softmax_route_equals_nha_without_slots(window):
-    """m = 0 is what impl='auto' hands to cuDNN on GPU (a sliding window when W < T); its XLA twin checks it here."""
+@pytest.mark.parametrize("window,m", [(7, 0), (40, 0), (53, 5)])
+def test_causal_softmax_route_equals_nha(window, m):
+    """What impl='auto' hands to cuDNN on GPU: m = 0 (a sliding window when W < T), or a full window W >= T with m
+    empty slots as zero sink tokens. Its XLA twin checks values and gradients here."""
     from nha_jax.ops.attention import causal_softmax_attention
-    q, k, v, la = random_inputs(8, B, 40, 4, HKV, DK, DK, 0)  # jax.nn.dot_product_attention needs dv == dk
-    out = causal_softmax_attention(q, k, v, scale=DK ** -0.5, rope_theta=10000.0, implementation="xla",
-                                   window=window if window < 40 else None)
-    assert max_rel_err(out, nha_attention(q, k, v, la, window=window, impl="naive")) <= 1e-5
+    q, k, v, la = random_inputs(8, B, 40, 4, HKV, DK, DK, m)  # jax.nn.dot_product_attention needs dv == dk
+    full = window >= 40
+
+    def route(q, k, v):
+        return causal_softmax_attention(q, k, v, scale=DK ** -0.5, rope_theta=10000.0, implementation="xla",
+                                        window=None if full else window, sinks=m)
+
+    def naive(q, k, v):
+        return nha_attention(q, k, v, la, window=window, impl="naive")
+
+    assert max_rel_err(route(q, k, v), naive(q, k, v)) <= 1e-5
+    loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)))
+    for got, want in zip(jax.grad(loss(route), (0, 1, 2))(q, k, v), jax.grad(loss(naive), (0, 1, 2))(q, k, v)):
+        assert max_rel_err(got, want) <= 1e-5
 
 
 def test_rope_as_explicit_frequencies():

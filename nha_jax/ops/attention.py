@@ -44,11 +44,13 @@ def nha_attention(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0,
     stateful = initial_state is not None or return_state
     if impl == "auto":
         impl = _auto_impl()
-        if (impl == "pallas_triton" and m == 0 and dv == dk and not stateful
+        if (impl == "pallas_triton" and (m == 0 or window >= T) and dv == dk and not stateful
                 and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)):
-            # No slots is plain causal (sliding-window) attention: cuDNN's flash attention runs it.
+            # No slots is plain causal (sliding-window) attention, and a full window leaves the slots empty: m
+            # logit-0, value-0 sinks (NHA_SPEC section 1). cuDNN's flash attention runs both.
+            full = window >= T
             return causal_softmax_attention(q, k, v, scale=scale, rope_theta=rope_theta, implementation="cudnn",
-                                            window=window if window < T else None)
+                                            window=None if full else window, sinks=m if full else 0)
     if impl == "naive":
         if stateful:
             raise ValueError("impl='naive' takes no initial_state/return_state; use impl='chunked' or 'recurrent'.")
@@ -238,17 +240,26 @@ def prefill(q, k, v, log_alpha, *, window, scale=None, rope_theta=10000.0, segme
                          chunk_size=chunk_size)
 
 
-def causal_softmax_attention(q, k, v, *, scale, rope_theta, implementation, window=None):
+def causal_softmax_attention(q, k, v, *, scale, rope_theta, implementation, window=None, sinks=0):
     """Causal softmax attention with RoPE, via jax.nn.dot_product_attention: what NHA is with m = 0 (window None:
-    every earlier token; else the last `window` tokens, the current one included).
+    every earlier token; else the last `window` tokens, the current one included), or, with `sinks` = m and
+    window None, what NHA is with a full window: the m slots never get a token, so each is a logit-0, value-0 entry.
     q [B,T,H,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv] -> [B,T,H,dv] in q.dtype."""
+    if sinks and window is not None:
+        raise ValueError("sinks stand for never-written slots, which only a full window (window=None) leaves empty")
     if rope_theta is not None:
         positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
         q = apply_rope(q, positions, rope_theta).astype(q.dtype)
         k = apply_rope(k, positions, rope_theta).astype(k.dtype)
+    if sinks:
+        # Zero keys give logit 0 and zero values add nothing: m zero tokens in front are the sinks. Zero queries
+        # in front keep the causal mask aligned (query s + t sees the sinks and tokens <= t); their rows are dropped.
+        zeros_in_front = lambda x: jnp.pad(x, [(0, 0), (sinks, 0), (0, 0), (0, 0)])
+        q, k, v = zeros_in_front(q), zeros_in_front(k), zeros_in_front(v)
     local_window = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local_window,
-                                        implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local_window,
+                                       implementation=implementation)
+    return out[:, sinks:]
 
 
 def _auto_impl():
