@@ -1,7 +1,7 @@
 """Per-token decode latency and decode-cache memory versus context: NHA against a Transformer++ of the same shape.
 
     python bench/bench_decode.py [--config configs/nha_340m.py] [--contexts 2048,8192,32768,65536]
-                                 [--batch 8] [--decode-steps 32] [--repeats 5] [--json out.json]
+                                 [--batch 8] [--decode-steps 32] [--repeats 5] [--json out.json] [--plot out.png]
 
 The NHA model is the config's; the Transformer++ is the same config with no slots and every layer full
 (eval.efficiency.transformer_counterpart). Weights are random (speed does not depend on them). The cache holding
@@ -29,6 +29,7 @@ def main(argv):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="nha,transformer")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--plot", default=None, help="also plot latency and cache memory versus context (PNG)")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.num_layers=4")
     parser.add_argument("--profile", action="store_true",
                         help="also print each model's device time per kernel of one decode loop at the first context")
@@ -81,6 +82,17 @@ def main(argv):
         print(f"\nNHA latency, longest / shortest context: {nha[-1] / nha[0]:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        from eval.efficiency import plot
+        plot(rows_by_model(rows), args.plot)
+
+
+def rows_by_model(rows):
+    """The benchmark's rows as eval.efficiency.plot takes them: {model: {context: row}}."""
+    results = {}
+    for r in rows:
+        results.setdefault(r["model"], {})[r["context"]] = r
+    return results
 
 
 def profile_decode(name, model, train_len, context, batch, decode_steps):

@@ -14,12 +14,12 @@ B, HKV, DK, DV = 2, 2, 8, 6  # dk != dv everywhere
 
 
 def _grid():
-    """Covers every value of every factor of the issue's grid, each T with three windows and each window with three
-    sequence lengths, in 18 cases (the full product would take CI an hour)."""
+    """Covers every value of every factor of the issue's grid, each T with two windows and each window with two
+    sequence lengths, in 12 cases (the full product would take CI an hour)."""
     Ts, Ws = (1, 7, 63, 64, 65, 257), (0, 1, 5, 64, 100, "T")
     ms, Gs, chunks = (0, 1, 16, 64), (1, 4), (16, 64)
     cases = []
-    pairs = [(T, W) for i, T in enumerate(Ts) for j, W in enumerate(Ws) if (i + j) % 2 == 0]
+    pairs = [(T, W) for i, T in enumerate(Ts) for j, W in enumerate(Ws) if (i + j) % 3 == 0]
     for n, (T, W) in enumerate(pairs):
         W = T + 3 if W == "T" else W
         m = ms[n % 4] or (0 if W else 16)
