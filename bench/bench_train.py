@@ -171,7 +171,7 @@ def main():
         return
 
     runs = [(name, int(seq_len)) for seq_len in args.seq_lens.split(",") for name in args.models.split(",")]
-    rows = [row for row in run_all(runs, args) if row]
+    rows = list(run_all(runs, args))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -246,6 +246,29 @@ def test_causal_softmax_route_equals_nha(window, m):
         assert max_rel_err(got, want) <= 1e-5
 
 
+def test_auto_hands_slotless_and_full_window_layers_to_cudnn_on_gpu(monkeypatch):
+    """The GPU dispatch rule, checked on CPU with the GPU choice and the cuDNN call stood in for: m = 0 goes to cuDNN
+    (with its window when W < T), a full window goes with m sinks, and a window layer with slots never does."""
+    from nha_jax.ops import attention
+    calls = []
+    monkeypatch.setattr(attention, "_auto_impl", lambda: "pallas_triton")
+    monkeypatch.setattr(attention, "causal_softmax_attention",
+                        lambda q, k, v, **kw: calls.append(kw) or jnp.zeros(q.shape, q.dtype))
+    monkeypatch.setattr(attention, "_kernel_call", lambda *a, **kw: calls.append("kernel") or (a[1], (None,) * 7))
+    q, k, v, _ = random_inputs(3, 1, 16, 4, HKV, DK, DK, 0, dtype=jnp.bfloat16)
+    gates = lambda m: jnp.zeros((1, 16, HKV, m), jnp.float32)
+    eager_nha_attention(q, k, v, gates(0), window=5)
+    eager_nha_attention(q, k, v, gates(0), window=16)
+    eager_nha_attention(q, k, v, gates(4), window=16)
+    eager_nha_attention(q, k, v, gates(4), window=5)
+    assert [c if c == "kernel" else (c["window"], c["sinks"]) for c in calls] == [(5, 0), (None, 0), (None, 4),
+                                                                                  "kernel"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="full window"):
+        attention.causal_softmax_attention(q, k, v, scale=1.0, rope_theta=None, implementation="xla", window=5,
+                                           sinks=2)
+
+
 def test_rope_as_explicit_frequencies():
     """rope_theta may be the dk/2 inverse frequencies (scaled RoPE): theta's own frequencies give theta's result,
     other frequencies change only the window branch, and every impl agrees on them."""

@@ -67,7 +67,7 @@ def _push(ring, x):
     """ring [B, W, ...] shifted one entry older, x [B, ...] as the newest: [ring[:, 1:], x].
 
     Written as pad + select, not concatenate: at batch 1 XLA:GPU ran the concatenate of these small rings as a
-    ~0.3 ms kernel, three per layer and token (docs/PERFORMANCE.md, decoding).
+    ~0.3 ms kernel, three per layer and token (docs/RESULTS.md, batch 1).
     """
     newest = (jnp.arange(ring.shape[1]) == ring.shape[1] - 1).reshape((1, -1) + (1,) * (ring.ndim - 2))
     older = jnp.pad(ring[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (ring.ndim - 2))
@@ -108,12 +108,11 @@ def decode_step(state, q, k, v, log_alpha, *, scale=None, rope_theta=10000.0, se
         # The oldest window entry is token t - W when the window is full: it moves into the slots now.
         slot_k, slot_v = _write_slots(state.slot_k, state.slot_v, state.ring_k[:, 0], state.ring_v[:, 0],
                                       state.ring_log_alpha[:, 0], state.ring_pos[:, 0] >= 0)
-        push = _push
         state = state._replace(
             slot_k=slot_k, slot_v=slot_v,
-            ring_k=push(state.ring_k, k), ring_v=push(state.ring_v, v),
-            ring_log_alpha=push(state.ring_log_alpha, log_alpha),
-            ring_pos=push(state.ring_pos, state.position))
+            ring_k=_push(state.ring_k, k), ring_v=_push(state.ring_v, v),
+            ring_log_alpha=_push(state.ring_log_alpha, log_alpha),
+            ring_pos=_push(state.ring_pos, state.position))
     else:
         slot_k, slot_v = _write_slots(state.slot_k, state.slot_v, k, v, log_alpha, jnp.ones((B,), bool))
         state = state._replace(slot_k=slot_k, slot_v=slot_v)
