@@ -4,7 +4,7 @@ Runs a correctness check against the chunked path first, then times forward and 
 S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=dv=128, m=64, W=64.
 Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
-Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...]
+Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
 --profile also prints each impl's forward+backward device time per kernel (XLA fusions included) per shape.
 """
@@ -26,7 +26,7 @@ from pallas_kernels.triton import (_output_backward, _outputs, _prepare, _slot_s
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
-HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 128, 64, 64
+HEADS, KV_HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 16, 128, 64, 64  # --dims replaces them
 
 
 def pallas_fn(window):
@@ -124,18 +124,26 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "state_split8": dict(state_splits=8),
     "chunk64": dict(chunk=64),
     "chunk16": dict(chunk=16),
+    "chunk32": dict(chunk=32),
+    "chunk32_sub16": dict(chunk=32, sub_block=16),
+    "chunk32_sub32": dict(chunk=32, sub_block=32),
+    "chunk64_sub32": dict(chunk=64, sub_block=32),
+    "chunk64_sub64": dict(chunk=64, sub_block=64),
+    "warps4": dict(output_warps=4, backward_warps=4, state_warps=4),
+    "warps8": dict(output_warps=8, backward_warps=8, state_warps=8),
+    "elementwise": dict(factored_pairs=False),
 }
 
 
 def breakdown(key, shape, reps, sweep):
     """Forward and backward split into XLA preparation and each kernel (ms), per tuning variant."""
     batch, seq = SHAPES[shape]
-    q, k, v, la, ct = make_inputs(key, batch, seq)
+    q, k, v, la, ct = make_inputs(key, batch, seq, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, SLOTS)
     seg = jnp.zeros((batch, seq), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     scale = HEAD_DIM ** -0.5
     for name in sweep:
-        config = dataclasses.replace(triton_config(HEAD_DIM, state_programs=batch * HEADS), **SWEEP[name])
+        config = dataclasses.replace(triton_config(HEAD_DIM, state_programs=batch * KV_HEADS), **SWEEP[name])
         chunk = config.chunk
         prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
             q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
@@ -183,11 +191,17 @@ def main():
     parser.add_argument("--shapes", default="S1,S2,S3")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}")
+    parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}, or none")
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
     parser.add_argument("--profile", action="store_true", help="per-kernel device time of each fwd+bwd")
+    parser.add_argument("--dims", default=None, help="H,Hkv,d,m,W for the breakdown and timings "
+                        "(default 16,16,128,64,64; NHA-340M's layers: 16,4,64,64,32)")
     args = parser.parse_args()
+    if args.dims:
+        global HEADS, KV_HEADS, HEAD_DIM, SLOTS, WINDOW
+        HEADS, KV_HEADS, HEAD_DIM, SLOTS, WINDOW = (int(x) for x in args.dims.split(","))
+    print(f"H={HEADS} Hkv={KV_HEADS} dk=dv={HEAD_DIM} m={SLOTS} W={WINDOW}")
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     key = jax.random.PRNGKey(0)
     if not args.skip_check:
@@ -195,14 +209,14 @@ def main():
     impls = {"pallas_triton": pallas_fn(WINDOW), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
     impls = {name: impls[name] for name in args.impls.split(",")}
-    for shape in args.shapes.split(","):
+    for shape in args.shapes.split(",") if args.sweep != "none" else ():
         breakdown(key, shape, args.reps, args.sweep.split(","))
     if args.timings == "no":
         return
     table = []
     for shape in args.shapes.split(","):
         batch, seq = SHAPES[shape]
-        q, k, v, la, ct = make_inputs(key, batch, seq)
+        q, k, v, la, ct = make_inputs(key, batch, seq, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, SLOTS)
         flops, bytes_moved = nha_counts(batch, seq, WINDOW)
         for name, fn in impls.items():
             fwd = jax.jit(fn)

@@ -2,7 +2,8 @@
 on MQAR and on text, then evaluates recall, perplexity and decode efficiency; writes <out>/repro.json and a table.
 
     python eval/repro.py [--out runs/repro] [--tasks mqar,text] [--variants nha,gsa,swa,transformer]
-                         [--mqar-steps 300] [--text-steps 300] [--jobs 1]
+                         [--mqar-steps 300] [--text-steps 300] [--jobs 1] [--plot out.png]
+    python eval/repro.py --tasks none --report docs/repro.json --plot docs/repro.png   (plot an existing report)
 
 MQAR trains on sequences of 256 tokens with 4..64 key-value pairs per batch (the trainer's jitted step, fed by
 eval.mqar.mqar_batch); text trains with the ordinary trainer on WikiText-2 valid and is scored on WikiText-2 test.
@@ -134,9 +135,17 @@ def main(argv):
     parser.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--report", default=None, help="the JSON report to update (default <out>/repro.json)")
+    parser.add_argument("--plot", default=None, help="draw the report's recall and perplexity to this PNG; with "
+                        "--tasks none, only plot an existing report")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.tasks == "none":
+        report_file = Path(args.report) if args.report else Path(args.out) / "repro.json"
+        if not report_file.is_file() or not args.plot:
+            parser.error(f"--tasks none needs --plot and an existing report; {report_file} is not a file")
+        plot(json.loads(report_file.read_text()), args.plot)
+        return
 
     from eval import mqar, perplexity
     from nha_jax.generate import load_model
@@ -156,6 +165,8 @@ def main(argv):
         report_file.parent.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2))
         print(table(report))
+        if args.plot:
+            plot(report, args.plot)
         return
     for task, variant in runs:
         steps = args.mqar_steps if task == "mqar" else args.text_steps
@@ -177,6 +188,37 @@ def main(argv):
         report_file.write_text(json.dumps(report, indent=2))
         print(f"{task} {variant}: {json.dumps(row)}", flush=True)
     print(table(report))
+    if args.plot:
+        plot(report, args.plot)
+
+
+def plot(report: dict, path: str) -> None:
+    """One PNG: MQAR recall per setting (grouped bars, one colour per variant) and WikiText-2 test perplexity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [task for task in ("mqar", "text") if task in report]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        rows = report[task]
+        if task == "mqar":
+            settings = list(next(iter(rows.values()))["recall"])
+            width = 0.8 / len(rows)
+            for i, (variant, row) in enumerate(rows.items()):
+                ax.bar(np.arange(len(settings)) + i * width, [row["recall"][s] for s in settings], width, label=variant)
+            ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings)
+            ax.set(xlabel="key-value pairs x length", ylabel="recall", title="MQAR recall (higher is better)")
+            ax.legend()
+        else:
+            ax.bar(list(rows), [row["perplexity"] for row in rows.values()], color=[f"C{i}" for i in range(len(rows))])
+            low = min(row["perplexity"] for row in rows.values())
+            ax.set_ylim(low * 0.95, max(row["perplexity"] for row in rows.values()) * 1.02)
+            ax.set(ylabel="byte perplexity", title="WikiText-2 test perplexity (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def table(report: dict) -> str:

@@ -7,9 +7,11 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   Everything here is differentiated by XLA, so the kernels only see the "core" problem below.
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
   H^v_c [m, dv] that enter each chunk (float32, in HBM), and the final state.
-- `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of 16 rows carrying the slot
-  state, so every gate exponent is <= 0; per sub-block: slot logits (state + a [16, 16, m] block of pairs), window
-  logits over key blocks with an online softmax, one float32 softmax over both, slot read, window read.
+- `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of R rows carrying the slot
+  state; per sub-block: slot logits (state + the pairs inside the sub-block), window logits over key blocks with an
+  online softmax, one float32 softmax over both, slot read, window read. The pair terms are small dots with the
+  decay factored through the sub-block's base gate (`_FactoredPairs`) unless the sub-block's gates are so strong
+  that a factor could overflow; then an elementwise [R, R, m] block whose gate exponents are all <= 0.
 - The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
   rest in three kernels: `_output_backward_kernel`, grid (B, H, T/C) like the output kernel, recomputes the joint
   softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values,
@@ -62,6 +64,78 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels.
 
+# The largest gate span of a sub-block (max over slots of G_base - G_last, the summed -log alpha of its rows) for
+# which its pairs are computed as matmuls with the decay factored through the sub-block's base:
+# exp(G_t - G_p) = exp(G_t - G_base) * exp(G_base - G_p), the second factor up to e^span (float32 overflows near
+# e^88; the margin covers the sums of products). Stronger forgetting falls back to the elementwise [R, R, m] block.
+_FACTORED_SPAN = 60.0
+
+
+class _FactoredPairs:
+    """The pair weights PW[t, p, i] = visible[t, p] s_p[i] exp(G_t[i] - G_p[i]) of one sub-block as
+    visible[t, p] * to_query[t, i] * from_key[p, i] * s_p[i], so that every sum against them is a small float32 dot.
+
+    gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run).
+    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span].
+    """
+
+    def __init__(self, gates, writes, base, visible):
+        self.visible = visible.astype(jnp.float32)
+        self.to_query = jnp.exp(gates - base[None, :])
+        self.from_key = jnp.exp(base[None, :] - gates)
+        self.key_weights = writes * self.from_key
+
+    def over_keys(self, x):
+        """sum_p x[t, p] PW[t, p, :] -> [R, m]."""
+        return self.to_query * _dot(x * self.visible, self.key_weights)
+
+    def over_slots(self, y):
+        """sum_i y[t, i] PW[t, :, i] -> [R, R]."""
+        return self.visible * _dot(y * self.to_query, self.key_weights, trans_b=True)
+
+    def write_grad(self, x, y):
+        """sum_t x[t, p] y[t, i] exp(G_t[i] - G_p[i]) visible[t, p] -> [R, m] (the gradient of s_p)."""
+        return self.from_key * _dot(x * self.visible, y * self.to_query, trans_a=True)
+
+
+class _ElementwisePairs:
+    """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0)."""
+
+    def __init__(self, gates, writes, base, visible):
+        del base
+        self.decay = jnp.where(visible[:, :, None],
+                               jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
+        self.weights = self.decay * writes[None, :, :]
+
+    def over_keys(self, x):
+        return jnp.sum(x[:, :, None] * self.weights, axis=1)
+
+    def over_slots(self, y):
+        return jnp.sum(y[:, None, :] * self.weights, axis=2)
+
+    def write_grad(self, x, y):
+        return jnp.sum(self.decay * x[:, :, None] * y[:, None, :], axis=0)
+
+
+def _pair_terms(factored, gates, writes, base, visible, *terms):
+    """[term(pairs) for term in terms], with _FactoredPairs where `factored` (a traced bool), else _ElementwisePairs.
+
+    One lax.cond per term: the Triton compiler (jax 0.11.2 on H100) rejected a kernel whose cond had several
+    results ("operand #0 does not dominate this use"); single-result conds compile.
+    """
+    args = (gates, writes, base, visible)
+    if factored is False:
+        pairs = _ElementwisePairs(*args)
+        return [term(pairs) for term in terms]
+    return [jax.lax.cond(factored, lambda term=term: term(_FactoredPairs(*args)),
+                         lambda term=term: term(_ElementwisePairs(*args))) for term in terms]
+
+
+def _factored_here(enabled, base, gate_last):
+    """Whether a sub-block (cumulative gate `base` [m] before it, `gate_last` [m] at its last row) takes the factored
+    pair path: False when the tuning config turns it off, else a traced bool."""
+    return enabled and jnp.max(base - gate_last) <= _FACTORED_SPAN
+
 
 def _handover(gates, runs, state_run, last_run, gate_last, base):
     """How a block of R rows hands the slot state on: new = decay * old + (writes * to_last)^T @ (ks | vs).
@@ -111,7 +185,7 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 
 def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
                    kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
-                   chunk, sub, key_block, window, num_slots, scale):
+                   chunk, sub, key_block, window, num_slots, scale, factored_pairs):
     """One (batch, query head, chunk of C queries): the NHA output of those queries.
 
     q/qr [C, dk] query (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv], gates [C, m], writes
@@ -119,9 +193,10 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     v [Tp, dv] the whole (RoPE'd) keys and values of this kv head; seg [Tp] window run ids, run [Tp] slot run ids.
     Outputs o [C, dv] and lse [C], the float32 log-sum-exp of each row's joint softmax (for the backward).
 
-    The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that every
-    gate factor is exp of a non-positive number: exp(G_t - G_base) for the state entering the sub-block, and
-    exp(G_t - G_p), p <= t, for the [sub, sub, m] block of pairs inside it.
+    The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
+    state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block go
+    through `_pair_terms`: factored dots when the sub-block's gate span allows (`factored_pairs` turns that off),
+    else the elementwise block with exp(G_t - G_p) <= 1.
     """
     c = pl.program_id(2)
     c0 = c * chunk
@@ -149,15 +224,10 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
             inter_gate = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
-            pair_visible = (causal & (run_q[:, None] == run_q[None, :]))[:, :, None]
-
-            def pair_weights():
-                """[t, p, m]: s_p exp(G_t - G_p) for p <= t in t's run, else 0."""
-                decay = jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)) * writes[None, :, :]
-                return jnp.where(pair_visible, decay, 0.0)
-
+            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), gates, writes, base,
+                     causal & (run_q[:, None] == run_q[None, :]))
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
-            logits = _dot(q, hk.astype(dtype)) * inter_gate + jnp.sum(qk[:, :, None] * pair_weights(), axis=1)
+            logits = _dot(q, hk.astype(dtype)) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
             row_max = jnp.max(logits, axis=1)
             row_sum = jnp.sum(jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0), axis=1)
@@ -189,7 +259,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
         if num_slots > 0:
             vs = vs_ref[blk, :]
             probs = jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0)
-            pair_probs = jnp.sum(probs[:, None, :] * pair_weights(), axis=2)  # [t, p]
+            pair_probs, = _pair_terms(*pairs, lambda pw: pw.over_slots(probs))  # [t, p]
             acc += _dot((probs * inter_gate).astype(dtype), hv.astype(dtype))
             acc += _dot(pair_probs.astype(dtype), vs)
         o_ref[blk, :] = (acc / row_sum[:, None]).astype(o_ref.dtype)
@@ -208,7 +278,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, a_ref, p_ref, *,
-                            chunk, sub, key_block, window, num_slots, scale):
+                            chunk, sub, key_block, window, num_slots, scale, factored_pairs):
     """Backward of `_output_kernel` for one (batch, query head, chunk), everything but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, dv] the output gradient, lse [C] the forward's row log-sum-exp and
@@ -242,34 +312,31 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
 
         # Recompute the slot logits and probabilities exactly as the forward did.
         inter = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
-        pair_visible = (causal & (run_q[:, None] == run_q[None, :]))[:, :, None]
-        pair_decay = jnp.where(pair_visible, jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
-        pair_weights = pair_decay * writes[None, :, :]  # [t, p, m]: s_p exp(G_t - G_p)
+        # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
+        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), gates, writes, base,
+                 causal & (run_q[:, None] == run_q[None, :]))
         hk_c, hv_c = hk.astype(dtype), hv.astype(dtype)
         q_hk = _dot(q, hk_c)  # [t, m]
         qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
-        intra_logits = jnp.sum(qk[:, :, None] * pair_weights, axis=1)  # [t, m]
+        do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
+        intra_logits, intra_read = _pair_terms(*pairs, lambda pw: pw.over_keys(qk), lambda pw: pw.over_keys(do_vs))
         probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
 
-        # Slot read o += (probs * inter) @ H^v + sum_p (probs . pair_weights) vs_p, then the softmax.
+        # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
         do_hv = _dot(d_out, hv_c, trans_b=True)  # [t, m]
-        do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
-        intra_read = jnp.sum(do_vs[:, :, None] * pair_weights, axis=1)  # [t, m]
         d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
-        logit_pairs = jnp.sum(d_logits[:, None, :] * pair_weights, axis=2)  # [t, p]
-        read_pairs = jnp.sum(probs[:, None, :] * pair_weights, axis=2)  # [t, p]
+        # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
+        # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
+        # of g * PW are the intra terms above, and the sums over t factor out s_p.
+        logit_pairs, read_pairs, d_writes = _pair_terms(
+            *pairs, lambda pw: pw.over_slots(d_logits), lambda pw: pw.over_slots(probs),
+            lambda pw: pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits))
         dq_ref[blk, :] = scale * (_dot((d_logits * inter).astype(dtype), hk_c, trans_b=True)
                                   + _dot(logit_pairs.astype(dtype), ks))
         dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
         dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
         a_ref[blk, :] = scale * d_logits * inter
         p_ref[blk, :] = probs * inter
-
-        # Gates and write strengths through pair_weights[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
-        # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of pair_weights, the sums over p
-        # of g * pair_weights are the intra terms above, and the sums over t factor out s_p.
-        pair_grads = probs[:, None, :] * do_vs[:, :, None] + d_logits[:, None, :] * qk[:, :, None]
-        d_writes = jnp.sum(pair_decay * pair_grads, axis=0)  # [p, m]
         dwrites_ref[blk, :] = d_writes
         inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
         dgates = probs * intra_read + d_logits * intra_logits - writes * d_writes + inter_gates
@@ -491,7 +558,8 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
                                                         specs.chunk_state, specs.runs)
     return pl.pallas_call(
         functools.partial(_output_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
-                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale),
+                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale,
+                          factored_pairs=config.factored_pairs),
         grid=(batch, heads, t_pad // chunk),
         in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
                   chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs],
@@ -522,7 +590,8 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), jnp.float32)
     return pl.pallas_call(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
-                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale),
+                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale,
+                          factored_pairs=config.factored_pairs),
         grid=(batch, heads, t_pad // chunk),
         in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
                   chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs, query_chunk(dv),

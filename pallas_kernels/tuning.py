@@ -1,15 +1,18 @@
 """Block sizes, warps and pipeline stages of the GPU NHA kernels, per shape class (a table in code, never searched).
 
 Shape classes: the largest padded head dimension (it sets the register budget: the slot states H^k [dk, m] and
-H^v [m, dv] and the [sub, sub, m] pair block live in registers), and whether the (batch, kv head) pairs alone fill
-the GPU (the slot-state kernel is sequential over chunks inside a program). Measured on one H100 (jax 0.11.2,
-bench/NOTES_kernels.md): at dk = dv = 128, m = 64, W = 64, chunk 32 beat 64 (output kernel 2.30 vs 3.27 ms at S1),
-sub-block 32 doubled the time (register spills), 8 warps beat 4, stages hardly mattered, and splitting the state
-kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
-With the backward kernels (same card and shapes), chunk 16 = one sub-block per program won forward+backward:
-S1 9.43 ms against 14.15 at chunk 32 (output backward 4.23 vs 7.53 ms, state backward 1.47 vs 3.01), at the cost of
-a slower forward slot-state kernel (0.74 vs 0.50 ms at S1, 3.37 vs 2.06 at S3); 4 backward warps lost (9.50 vs
-7.53 ms). The dk <= 64 and > 128 rows are not measured.
+H^v [m, dv] live in registers, and so does the [sub, sub, m] pair block of a sub-block whose gates are too strong for
+the factored matmul form), and whether the (batch, kv head) pairs alone fill the GPU (the slot-state kernel is
+sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (bench/NOTES_kernels.md):
+- dk = dv = 128, H = Hkv = 16, m = 64, W = 64, B = 8, T = 2048 (2026-11-27, factored pairs): chunk 32 with one
+  32-row sub-block per program beat chunk 16 (kernels 7.2 vs 8.3 ms fwd+bwd) and chunk 32 in two 16-row sub-blocks
+  (the in-chunk state carry doubles the state backward); chunk 64 with 32-row sub-blocks asks for 270 KB of shared
+  memory (232 KB available).
+- dk = dv = 64, H = 16, Hkv = 4, m = 64, W = 32 (NHA-340M's layers, same date): chunk 16 with 4 warps beat chunk 32
+  (4.5 vs 5.7 ms), 32-row sub-blocks (9.8 ms: the backward spills) and 8 warps (7.0 ms).
+- Earlier, with elementwise pairs (2026-11-26): 8 warps beat 4 at dk = 128, stages hardly mattered, and splitting the
+  state kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
+The dk > 128 row is not measured.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class TritonConfig:
       each owning a slice of dk and dv (capped at dim / 16).
     backward_warps / backward_stages: the same for the two parallel backward kernels (output backward, grid
       B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
+    factored_pairs: compute a sub-block's pair terms as matmuls with factored decays where its gates allow
+      (pallas_kernels.triton._FactoredPairs); False always takes the elementwise [sub, sub, m] block.
     """
 
     chunk: int
@@ -41,14 +46,15 @@ class TritonConfig:
     state_splits: int
     backward_warps: int
     backward_stages: int
+    factored_pairs: bool = True
 
 
 # Keyed by max(padded dk, padded dv); the first row whose bound is >= the key wins.
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
-    (64, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=4, output_stages=2,
+    (64, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=4, output_stages=2,
                       state_warps=4, state_stages=2, state_splits=1,
                       backward_warps=4, backward_stages=2)),
-    (128, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=8, output_stages=2,
+    (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=8, output_stages=2,
                        state_warps=8, state_stages=2, state_splits=1,
                        backward_warps=8, backward_stages=2)),
     (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,

@@ -156,3 +156,19 @@ def test_lm_eval_model_class(workdir, tmp_path, monkeypatch):
     results = lm_harness.evaluate(loaded, tasks=["tiny_choice"], include_path=str(tmp_path), batch_size=4,
                                   include_defaults=False)
     assert 0 <= results["tiny_choice"]["acc,none"] <= 1
+
+
+def test_repro_report_table_and_plot(tmp_path):
+    """eval/repro.py's table and plot of a report (the reproduction's own rows, docs/repro.json); a missing report
+    is a usage error. The training runs themselves need a GPU's time (docs/RESULTS.md)."""
+    pytest.importorskip("matplotlib")
+    from eval import repro
+    report_file = Path(__file__).resolve().parents[1] / "docs" / "repro.json"
+    text = repro.table(json.loads(report_file.read_text()))
+    assert "| transformer | 20.9M | 0.133 | 0.080 |" in text and "| nha | 21.6M | 4.062 | 2.022 |" in text
+    out = tmp_path / "repro.png"
+    repro.main(["--tasks", "none", "--report", str(report_file), "--plot", str(out)])
+    assert out.stat().st_size > 10_000
+    with pytest.raises(SystemExit) as exit_info:
+        repro.main(["--tasks", "none", "--report", str(tmp_path / "missing.json"), "--plot", str(out)])
+    assert exit_info.value.code == 2

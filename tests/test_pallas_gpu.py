@@ -15,7 +15,7 @@ from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import max_rel_err
-from pallas_kernels.triton import nha_attention_triton
+from pallas_kernels.triton import _FACTORED_SPAN, _prepare, nha_attention_triton
 
 ROPE = 10000.0
 
@@ -52,22 +52,41 @@ def _rel_l2(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# (batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size)
+# (batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost)
 CASES = {
     # block 32 = two sub-blocks of 16: the state is carried inside a chunk; dk = 32 splits the state kernels.
-    "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32),
-    "w_gt_chunk_segments": (1, 45, 2, 1, 16, 32, 16, 24, (20,), 16),
-    "w_ge_t_full_attention_plus_sinks": (1, 40, 2, 2, 16, 16, 16, 64, (), 16),
-    "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16),
+    # Gates 20x stronger from T/2: sub-blocks on both sides of _FACTORED_SPAN (checked in the test).
+    "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv_strong_gates": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32, 20.0),
+    "w_gt_chunk_segments": (1, 45, 2, 1, 16, 32, 16, 24, (20,), 16, 1.0),
+    "w_ge_t_full_attention_plus_sinks": (1, 40, 2, 2, 16, 16, 16, 64, (), 16, 1.0),
+    "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16, 1.0),
 }
+
+
+def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size):
+    """max over slots of G_base - G_last per (batch, kv head, 16-row sub-block), from the kernels' own gates."""
+    core_args, chunk = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
+                                block_size=block_size)
+    gates = core_args[6]  # [B, Tp, Hkv, m] chunk-local cumulative
+    batch, t_pad, kv_heads, m = gates.shape
+    last = gates[:, 15::16]  # each sub-block's last row
+    base = jnp.where((jnp.arange(t_pad // 16) * 16 % chunk == 0)[None, :, None, None], 0.0,
+                     jnp.pad(last, [(0, 0), (1, 0), (0, 0), (0, 0)])[:, :-1])
+    return jnp.max(base - last, axis=-1)
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_forward_and_gradients_match_naive(case):
-    """Output and the gradients of q, k, v, log_alpha (max relative error <= 1e-4 in float32)."""
-    batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size = case
+    """Output and the gradients of q, k, v, log_alpha (max relative error <= 1e-4 in float32), through both pair
+    paths of the kernels (factored matmuls and the elementwise fallback for strong gates)."""
+    batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     q, k, v, log_alpha, cotangent = _inputs(2, batch, seq, heads, kv_heads, dk, dv, m)
+    log_alpha = log_alpha * jnp.where(jnp.arange(seq) >= seq // 2, gate_boost, 1.0)[None, :, None, None]
     seg = _segments(batch, seq, cuts)
+    if gate_boost > 1:
+        runs, positions = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+        spans = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size)
+        assert float(spans.max()) > _FACTORED_SPAN > float(spans.max(axis=(0, 2))[2]) > 0.5 * _FACTORED_SPAN
 
     def loss_triton(*xs):
         out = _triton(*xs, seg, window=window, block_size=block_size)
