@@ -24,8 +24,9 @@ class TritonConfig:
     """Launch parameters of pallas_kernels.triton.
 
     chunk: tokens per query block of the output kernel and per step of the slot-state kernel (a power of two >= 16).
-    sub_block: rows the output kernel handles at once inside a chunk (its [sub, sub, m] pair block lives in
-      registers); key_block: keys per step of the window loop. Both powers of two >= 16, capped at chunk.
+    sub_block: rows the output kernels handle at once inside a chunk ([sub, sub] x [sub, m] dots for the pairs, or
+      the [sub, sub, m] fallback block in registers); key_block: keys per step of the window loop. Both powers of
+      two >= 16, capped at chunk.
     output_warps / output_stages: num_warps / num_stages of the output kernel (grid B x H x T/chunk).
     state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv x state_splits, sequential over
       chunks) and its reverse in the backward (grid B x H x state_splits); state_splits: programs per (batch, head),
