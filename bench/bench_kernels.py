@@ -124,7 +124,6 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "state_split8": dict(state_splits=8),
     "chunk64": dict(chunk=64),
     "chunk16": dict(chunk=16),
-    "chunk32": dict(chunk=32),
     "chunk32_sub16": dict(chunk=32, sub_block=16),
     "chunk32_sub32": dict(chunk=32, sub_block=32),
     "chunk64_sub32": dict(chunk=64, sub_block=32),
