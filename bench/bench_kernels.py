@@ -7,6 +7,8 @@ First it splits forward and backward into XLA preparation and each kernel, for e
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
 --profile also prints each impl's forward+backward device time per kernel (XLA fusions included) per shape.
+--once runs one Pallas forward+backward at the first shape and exits: a target for Nsight Compute, e.g.
+  ncu --clock-control none --kernel-name regex:nha --section Occupancy python3 -m bench.bench_kernels --once
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import jax.numpy as jnp
 from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
-from pallas_kernels.triton import (_output_backward, _outputs, _prepare, _slot_states, _state_backward,
-                                   _window_backward, nha_attention_triton)
+from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
+                                   _state_backward, _window_backward, nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
@@ -130,7 +132,9 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk64_sub64": dict(chunk=64, sub_block=64),
     "warps4": dict(output_warps=4, backward_warps=4, state_warps=4),
     "warps8": dict(output_warps=8, backward_warps=8, state_warps=8),
+    "warps16": dict(output_warps=16, backward_warps=16),
     "elementwise": dict(factored_pairs=False),
+    "f32_states": dict(input_dtype_states=False),
 }
 
 
@@ -174,8 +178,10 @@ def breakdown(key, shape, reps, sweep):
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
             _, _, _, _, _, _, a, p = kernels["output_bwd"](*args)
             times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
-            args = (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, jnp.zeros_like(hk_last),
-                    jnp.zeros_like(hv_last))
+            owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS)
+            dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)
+            dhv_last = jnp.zeros((batch, owners) + hv_last.shape[2:], jnp.float32)
+            args = (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last)
             times["state_bwd"] = median_ms(kernels["state_bwd"], args, reps)
             args = (qr, kr, v_p, d_out, lse, delta, seg_p)
             times["window_bwd"] = median_ms(kernels["window_bwd"], args, reps)
@@ -194,6 +200,7 @@ def main():
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
     parser.add_argument("--profile", action="store_true", help="per-kernel device time of each fwd+bwd")
+    parser.add_argument("--once", action="store_true", help="one Pallas fwd+bwd at the first shape, then exit")
     parser.add_argument("--dims", default=None, help="H,Hkv,d,m,W for the breakdown and timings "
                         "(default 16,16,128,64,64; NHA-340M's layers: 16,4,64,64,32)")
     args = parser.parse_args()
@@ -203,6 +210,12 @@ def main():
     print(f"H={HEADS} Hkv={KV_HEADS} dk=dv={HEAD_DIM} m={SLOTS} W={WINDOW}")
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     key = jax.random.PRNGKey(0)
+    if args.once:
+        batch, seq = SHAPES[args.shapes.split(",")[0]]
+        q, k, v, la, ct = make_inputs(key, batch, seq, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, SLOTS)
+        loss = lambda q, k, v, la: jnp.sum(pallas_fn(WINDOW)(q, k, v, la).astype(jnp.float32) * ct)
+        jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, la))
+        return
     if not args.skip_check:
         check(key)
     impls = {"pallas_triton": pallas_fn(WINDOW), "chunked_xla": chunked_fn(WINDOW),

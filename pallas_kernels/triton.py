@@ -6,7 +6,8 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   j + W) and zeroes the writes that would cross a change of run id, and takes chunk-local cumulative gates G.
   Everything here is differentiated by XLA, so the kernels only see the "core" problem below.
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
-  H^v_c [m, dv] that enter each chunk (float32, in HBM), and the final state.
+  H^v_c [m, dv] that enter each chunk (in HBM, in the inputs' dtype: TritonConfig.input_dtype_states), and the
+  final state.
 - `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of R rows carrying the slot
   state; per sub-block: slot logits (state + the pairs inside the sub-block), window logits over key blocks with an
   online softmax, one float32 softmax over both, slot read, window read. The pair terms are small dots with the
@@ -16,9 +17,10 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   rest in three kernels: `_output_backward_kernel`, grid (B, H, T/C) like the output kernel, recomputes the joint
   softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values,
   write strengths and gates, and the per-row factors of the state gradient; `_state_backward_kernel`, grid
-  (B, H, dk/dv slices), runs the sub-blocks last to first carrying dH^k/dH^v and gives the gradients through the
+  (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying dH^k/dH^v and gives the gradients through the
   state hand-over; `_window_backward_kernel`, grid (B, H, key blocks), gives the window dk/dv without atomics.
-  Kernels work per query head; XLA sums each GQA group.
+  Kernels work per query head (the state backward per kv head when the GQA group is a power of two); XLA sums
+  each GQA group.
 """
 from __future__ import annotations
 
@@ -48,13 +50,14 @@ def _compiler_params(num_warps: int, num_stages: int):
     return params_cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    """Matrix product with float32 accumulation; float32 operands stay exact (no tf32)."""
+def _dot(a, b, *, trans_a=False, trans_b=False, exact=True):
+    """Matrix product with float32 accumulation. Float32 operands are multiplied exactly (IEEE, on the CUDA cores)
+    when `exact`, else as tf32 on the tensor cores (10-bit mantissas: for kernels whose inputs are bf16 anyway)."""
     a, b = (a.T if trans_a else a), (b.T if trans_b else b)
     precision = None
     if a.dtype == jnp.float32 or b.dtype == jnp.float32:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        precision = jax.lax.Precision.HIGHEST
+        precision = jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
     # plgpu.dot exists in jax 0.10; pl.dot is gone from jax 0.11, where jnp.dot lowers directly.
     if hasattr(plgpu, "dot"):
         return plgpu.dot(a, b, precision=precision).astype(jnp.float32)
@@ -76,10 +79,12 @@ class _FactoredPairs:
     visible[t, p] * to_query[t, i] * from_key[p, i] * s_p[i], so that every sum against them is a small float32 dot.
 
     gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run).
-    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span].
+    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]. exact: IEEE float32 dots
+    (float32 inputs), else tf32 (bf16 inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
     """
 
-    def __init__(self, gates, writes, base, visible):
+    def __init__(self, gates, writes, base, visible, exact):
+        self.exact = exact
         self.visible = visible.astype(jnp.float32)
         self.to_query = jnp.exp(gates - base[None, :])
         self.from_key = jnp.exp(base[None, :] - gates)
@@ -87,22 +92,22 @@ class _FactoredPairs:
 
     def over_keys(self, x):
         """sum_p x[t, p] PW[t, p, :] -> [R, m]."""
-        return self.to_query * _dot(x * self.visible, self.key_weights)
+        return self.to_query * _dot(x * self.visible, self.key_weights, exact=self.exact)
 
     def over_slots(self, y):
         """sum_i y[t, i] PW[t, :, i] -> [R, R]."""
-        return self.visible * _dot(y * self.to_query, self.key_weights, trans_b=True)
+        return self.visible * _dot(y * self.to_query, self.key_weights, trans_b=True, exact=self.exact)
 
     def write_grad(self, x, y):
         """sum_t x[t, p] y[t, i] exp(G_t[i] - G_p[i]) visible[t, p] -> [R, m] (the gradient of s_p)."""
-        return self.from_key * _dot(x * self.visible, y * self.to_query, trans_a=True)
+        return self.from_key * _dot(x * self.visible, y * self.to_query, trans_a=True, exact=self.exact)
 
 
 class _ElementwisePairs:
     """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0)."""
 
-    def __init__(self, gates, writes, base, visible):
-        del base
+    def __init__(self, gates, writes, base, visible, exact):
+        del base, exact
         self.decay = jnp.where(visible[:, :, None],
                                jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
         self.weights = self.decay * writes[None, :, :]
@@ -117,13 +122,13 @@ class _ElementwisePairs:
         return jnp.sum(self.decay * x[:, :, None] * y[:, None, :], axis=0)
 
 
-def _pair_terms(factored, gates, writes, base, visible, *terms):
+def _pair_terms(factored, exact, gates, writes, base, visible, *terms):
     """[term(pairs) for term in terms], with _FactoredPairs where `factored` (a traced bool), else _ElementwisePairs.
 
     One lax.cond per term: the Triton compiler (jax 0.11.2 on H100) rejected a kernel whose cond had several
     results ("operand #0 does not dominate this use"); single-result conds compile.
     """
-    args = (gates, writes, base, visible)
+    args = (gates, writes, base, visible, exact)
     if factored is False:
         pairs = _ElementwisePairs(*args)
         return [term(pairs) for term in terms]
@@ -151,6 +156,33 @@ def _handover(gates, runs, state_run, last_run, gate_last, base):
     return to_last, decay
 
 
+class _EnteringState:
+    """The slot state entering each sub-block of an output kernel's chunk, handed out as dot operands.
+
+    hk_ref [dk, m], hv_ref [m, dv] hold the state entering the chunk. With one sub-block per chunk the state is read
+    from them at each use (in the inputs' dtype), so that it is not held in registers across the kernel (the output
+    kernels run at the register limit); with several sub-blocks it is carried in float32 and advanced over each.
+    """
+
+    def __init__(self, hk_ref, hv_ref, dtype, carried):
+        self.hk_ref, self.hv_ref, self.dtype, self.carried = hk_ref, hv_ref, dtype, carried
+        if carried:
+            self.hk, self.hv = hk_ref[...].astype(jnp.float32), hv_ref[...].astype(jnp.float32)
+
+    def keys(self):
+        """H^k [dk, m] in the inputs' dtype."""
+        return (self.hk if self.carried else self.hk_ref[...]).astype(self.dtype)
+
+    def values(self):
+        """H^v [m, dv] in the inputs' dtype."""
+        return (self.hv if self.carried else self.hv_ref[...]).astype(self.dtype)
+
+    def advance(self, decay, weights, ks, vs):
+        """H <- decay * H + weights^T @ (ks | vs), over a sub-block: decay [m], weights [R, m] (inputs' dtype)."""
+        self.hk = self.hk * decay[None, :] + _dot(ks, weights, trans_a=True)
+        self.hv = self.hv * decay[:, None] + _dot(weights, vs, trans_a=True)
+
+
 def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_ref,
                   hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks):
     """One (batch, kv head, slice of dk and dv): H^k/H^v entering every chunk, and after the last one.
@@ -164,8 +196,8 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 
     def body(c, carry):
         hk, hv, state_run = carry
-        hk_ref[c, :, :] = hk
-        hv_ref[c, :, :] = hv
+        hk_ref[c, :, :] = hk.astype(hk_ref.dtype)
+        hv_ref[c, :, :] = hv.astype(hv_ref.dtype)
         rows = pl.ds(c * chunk, chunk)
         last = c * chunk + chunk - 1
         last_run = run_ref[last]
@@ -205,9 +237,10 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
     dtype = q_ref.dtype
+    exact = dtype == jnp.float32
 
     if num_slots > 0:
-        hk, hv = hk_ref[...], hv_ref[...]
+        state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
         state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
@@ -224,10 +257,10 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
             inter_gate = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
-            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), gates, writes, base,
+            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, gates, writes, base,
                      causal & (run_q[:, None] == run_q[None, :]))
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
-            logits = _dot(q, hk.astype(dtype)) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
+            logits = _dot(q, state.keys()) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
             row_max = jnp.max(logits, axis=1)
             row_sum = jnp.sum(jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0), axis=1)
@@ -260,7 +293,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             vs = vs_ref[blk, :]
             probs = jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0)
             pair_probs, = _pair_terms(*pairs, lambda pw: pw.over_slots(probs))  # [t, p]
-            acc += _dot((probs * inter_gate).astype(dtype), hv.astype(dtype))
+            acc += _dot((probs * inter_gate).astype(dtype), state.values())
             acc += _dot(pair_probs.astype(dtype), vs)
         o_ref[blk, :] = (acc / row_sum[:, None]).astype(o_ref.dtype)
         lse_ref[blk] = row_max + jnp.log(row_sum)
@@ -269,9 +302,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             # Advance the state over this sub-block (as _state_kernel does over a chunk).
             last_run = run_ref[t0 + sub - 1]
             to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
-            weights = (writes * to_last).astype(dtype)
-            hk = hk * decay[None, :] + _dot(ks_ref[blk, :], weights, trans_a=True)
-            hv = hv * decay[:, None] + _dot(weights, vs, trans_a=True)
+            state.advance(decay, (writes * to_last).astype(dtype), ks_ref[blk, :], vs)
             state_run = last_run
 
 
@@ -283,9 +314,10 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
 
     Inputs as `_output_kernel`, plus do [C, dv] the output gradient, lse [C] the forward's row log-sum-exp and
     delta [C] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
-    sub-blocks (same state carry, same non-positive gate exponents). Outputs, float32, per query head:
-    dq [C, dk] (slot branch) and dqr [C, dk] (window branch); dks [C, dk], dvs [C, dv], dwrites [C, m],
-    dgates [C, m] through the pairs inside each sub-block and the decay of the state entering it; and
+    sub-blocks (same state carry, same non-positive gate exponents). Outputs per query head (dq, dqr, a and p in
+    the inputs' dtype, the rest float32): dq [C, dk] (slot branch) and dqr [C, dk] (window branch); dks [C, dk],
+    dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state
+    entering it; and
     a [C, m] = scale * dlogits * inter, p [C, m] = probs * inter, the per-row factors of the gradient of the
     state entering each sub-block (dH^k = q^T a, dH^v = p^T do), which `_state_backward_kernel` carries back.
     """
@@ -297,8 +329,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     causal = rows[:, None] >= rows[None, :]
     last_row = (rows == sub - 1)[:, None]
     dtype = q_ref.dtype
+    exact = dtype == jnp.float32
 
-    hk, hv = hk_ref[...], hv_ref[...]
+    state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
     state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
     previous_dgates = None
     for r0 in range(0, chunk, sub):
@@ -313,17 +346,16 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         # Recompute the slot logits and probabilities exactly as the forward did.
         inter = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
         # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
-        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), gates, writes, base,
+        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, gates, writes, base,
                  causal & (run_q[:, None] == run_q[None, :]))
-        hk_c, hv_c = hk.astype(dtype), hv.astype(dtype)
-        q_hk = _dot(q, hk_c)  # [t, m]
+        q_hk = _dot(q, state.keys())  # [t, m]
         qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
         do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
         intra_logits, intra_read = _pair_terms(*pairs, lambda pw: pw.over_keys(qk), lambda pw: pw.over_keys(do_vs))
         probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
 
         # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
-        do_hv = _dot(d_out, hv_c, trans_b=True)  # [t, m]
+        do_hv = _dot(d_out, state.values(), trans_b=True)  # [t, m]
         d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
         # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
         # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
@@ -331,12 +363,12 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         logit_pairs, read_pairs, d_writes = _pair_terms(
             *pairs, lambda pw: pw.over_slots(d_logits), lambda pw: pw.over_slots(probs),
             lambda pw: pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits))
-        dq_ref[blk, :] = scale * (_dot((d_logits * inter).astype(dtype), hk_c, trans_b=True)
-                                  + _dot(logit_pairs.astype(dtype), ks))
+        dq_ref[blk, :] = (scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
+                                   + _dot(logit_pairs.astype(dtype), ks))).astype(dq_ref.dtype)
         dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
         dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
-        a_ref[blk, :] = scale * d_logits * inter
-        p_ref[blk, :] = probs * inter
+        a_ref[blk, :] = (scale * d_logits * inter).astype(a_ref.dtype)
+        p_ref[blk, :] = (probs * inter).astype(p_ref.dtype)
         dwrites_ref[blk, :] = d_writes
         inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
         dgates = probs * intra_read + d_logits * intra_logits - writes * d_writes + inter_gates
@@ -366,16 +398,14 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             first = jnp.maximum(t0 - window + 1, 0) // key_block
             last = (t0 + sub - 1) // key_block
             dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub, qr.shape[-1]), jnp.float32))
-            dqr_ref[blk, :] = scale * dqr
+            dqr_ref[blk, :] = (scale * dqr).astype(dqr_ref.dtype)
         else:
-            dqr_ref[blk, :] = jnp.zeros((sub, dqr_ref.shape[-1]), jnp.float32)
+            dqr_ref[blk, :] = jnp.zeros((sub, dqr_ref.shape[-1]), dqr_ref.dtype)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
             to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
-            weights = (writes * to_last).astype(dtype)
-            hk = hk * decay[None, :] + _dot(ks, weights, trans_a=True)
-            hv = hv * decay[:, None] + _dot(weights, vs, trans_a=True)
+            state.advance(decay, (writes * to_last).astype(dtype), ks, vs)
             state_run = last_run
     dgates_ref[pl.ds(chunk - sub, sub), :] = previous_dgates
 
@@ -383,14 +413,16 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
 def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
                            hk_ref, hv_ref, dhk_last_ref, dhv_last_ref,
                            dks_ref, dvs_ref, dwrites_ref, dgates_ref, dhk0_ref, dhv0_ref, *, chunk, sub, num_chunks):
-    """Reverse-in-time slot-state gradient for one (batch, query head, slice of dk and dv).
+    """Reverse-in-time slot-state gradient for one (batch, group of query heads sharing a kv head, slice of dk and
+    dv).
 
-    q [Tp, dk], do [Tp, dv] this head's queries and output gradient; a, p [Tp, m] from `_output_backward_kernel`;
+    q [Tp, G, dk], do [Tp, G, dv] the group's queries and output gradients; a, p [Tp, G, m] from
+    `_output_backward_kernel` (G = heads per program: the whole GQA group, or 1);
     ks [Tp, dk], vs [Tp, dv], gates, writes [Tp, m], run [Tp] the kv head's shifted slot inputs; hk [nC, dk, m],
     hv [nC, m, dv] the forward's states entering each chunk; dhk_last [dk, m], dhv_last [m, dv] the gradient of
     the final state. Carries dH^k, dH^v (gradient of the state leaving a sub-block) from the last sub-block to the
     first, in the forward's sub-blocks: H_next = decay * H + (writes * to_last)^T @ (ks | vs), and each sub-block's
-    queries add q^T a, p^T do to the gradient of the state entering it. Outputs, float32: dks [Tp, dk],
+    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs, float32: dks [Tp, dk],
     dvs [Tp, dv]; dwrites, dgates [Tp, m] (partial sums over this program's dk/dv slice); dhk0 [dk, m], dhv0 [m, dv].
     """
     dtype = ks_ref.dtype
@@ -415,7 +447,7 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
         pending_base = None
         for r0 in reversed(range(0, chunk, sub)):
             # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
-            hk, hv = hk_ref[c, :, :], hv_ref[c, :, :]
+            hk, hv = hk_ref[c, :, :].astype(jnp.float32), hv_ref[c, :, :].astype(jnp.float32)
             for earlier in range(0, r0, sub):
                 rows, to_last, decay = block_inputs(c0, earlier)
                 weights = (writes_ref[rows, :] * to_last).astype(dtype)
@@ -436,8 +468,11 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
             dwrites_ref[rows, :] = d_weights * to_last
             dgates_ref[rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
             pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
-            dhk = dhk * decay[None, :] + _dot(q_ref[rows, :], a_ref[rows, :].astype(dtype), trans_a=True)
-            dhv = dhv * decay[:, None] + _dot(p_ref[rows, :].astype(dtype), do_ref[rows, :], trans_a=True)
+            for h in range(q_ref.shape[1]):
+                dhk = dhk * decay[None, :] if h == 0 else dhk
+                dhv = dhv * decay[:, None] if h == 0 else dhv
+                dhk += _dot(q_ref[rows, h, :], a_ref[rows, h, :].astype(dtype), trans_a=True)
+                dhv += _dot(p_ref[rows, h, :].astype(dtype), do_ref[rows, h, :], trans_a=True)
         return dhk, dhv
 
     dhk, dhv = jax.lax.fori_loop(0, num_chunks, body, (dhk_last_ref[...], dhv_last_ref[...]))
@@ -487,9 +522,11 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
 
 
 def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpret):
-    """Launches _state_kernel: (hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv], hk_final, hv_final), float32.
+    """Launches _state_kernel: (hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv], hk_final, hv_final).
 
-    The grid is (B, Hkv, splits): each program owns dk/splits rows of H^k and dv/splits columns of H^v, so that
+    The chunk states hk, hv are stored in the inputs' dtype when config.input_dtype_states (the output kernels
+    round them to it before every dot anyway; this halves their bytes for bf16), else float32; the final states
+    are float32. The grid is (B, Hkv, splits): each program owns dk/splits rows of H^k and dv/splits columns of H^v, so that
     small batches still fill the GPU (the chunk loop inside a program is sequential).
     """
     batch, t_pad, kv_heads, dk = ks.shape
@@ -497,6 +534,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     num_chunks = t_pad // chunk
     splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
     dk_part, dv_part = dk // splits, dv // splits
+    state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
 
     def per_token(width, split):
         return pl.BlockSpec((None, t_pad, None, width), lambda b, g, i: (b, 0, g, i if split else 0))
@@ -514,8 +552,8 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
                   per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
         out_specs=[per_head(num_chunks, dk_part, m, split_axis=1), per_head(num_chunks, m, dv_part, split_axis=2),
                    per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, dk, m), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, m, dv), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, dk, m), state_dtype),
+                   jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, m, dv), state_dtype),
                    jax.ShapeDtypeStruct((batch, kv_heads, dk, m), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, m, dv), jnp.float32)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
@@ -576,8 +614,9 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
                      window, num_slots, scale, chunk, config, interpret):
     """Launches _output_backward_kernel over (B, H, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta [B, H, Tp].
 
-    Returns float32 per query head: dq, dqr, dks [B, Tp, H, dk], dvs [B, Tp, H, dv], dwrites, dgates, a, p
-    [B, Tp, H, m] (see the kernel).
+    Returns per query head, in q.dtype (the custom_vjp rounds dq and dqr to it anyway; a and p are the state
+    backward's dot operands): dq, dqr [B, Tp, H, dk], a, p [B, Tp, H, m]; float32 (summed further): dks
+    [B, Tp, H, dk], dvs [B, Tp, H, dv], dwrites, dgates [B, Tp, H, m] (see the kernel).
     """
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
@@ -587,7 +626,7 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     query_chunk, kv_chunk, kv_all, chunk_state, runs = (specs.query_chunk, specs.kv_chunk, specs.kv_all,
                                                         specs.chunk_state, specs.runs)
     row_stats = pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))
-    per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), jnp.float32)
+    per_head = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((batch, t_pad, heads, width), dtype)
     return pl.pallas_call(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
                           key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale,
@@ -597,66 +636,82 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
                   chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs, query_chunk(dv),
                   row_stats, row_stats],
         out_specs=[query_chunk(dk), query_chunk(dk), query_chunk(dk), query_chunk(dv)] + [query_chunk(m)] * 4,
-        out_shape=[per_head(dk), per_head(dk), per_head(dk), per_head(dv)] + [per_head(m)] * 4,
+        out_shape=[per_head(dk, q.dtype), per_head(dk, q.dtype), per_head(dk), per_head(dv), per_head(m),
+                   per_head(m), per_head(m, q.dtype), per_head(m, q.dtype)],
         compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
         interpret=interpret,
         name="nha_output_backward",
     )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta)
 
 
+def _heads_per_state_program(group: int) -> int:
+    """Query heads per program of the state backward: the whole GQA group (whose states are one kv head's) when
+    Triton can hold it in one block (a power of two), else 1."""
+    return group if group & (group - 1) == 0 else 1
+
+
 def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last, *,
                     chunk, config, interpret):
-    """Launches _state_backward_kernel over (B, H, splits of dk and dv), sequential over chunks (last first).
+    """Launches _state_backward_kernel over (B, owners, splits of dk and dv), sequential over chunks (last first).
 
+    An owner is a kv head when `_heads_per_state_program` takes the whole GQA group, else a query head.
     q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
-    the forward's states entering each chunk [B, Hkv, nC, ...]; dhk_last [B, H, dk, m], dhv_last [B, H, m, dv]
-    the final-state gradient given to each query head. Returns float32 per query head: dks [B, Tp, H, dk],
-    dvs [B, Tp, H, dv], dwrites and dgates [splits, B, Tp, H, m] (sum over axis 0), dhk0 [B, H, dk, m],
-    dhv0 [B, H, m, dv].
+    the forward's states entering each chunk [B, Hkv, nC, ...]; dhk_last [B, owners, dk, m], dhv_last
+    [B, owners, m, dv] the final-state gradient given to each owner. Returns float32 per owner: dks
+    [B, Tp, owners, dk], dvs [B, Tp, owners, dv], dwrites and dgates [splits, B, Tp, owners, m] (sum over axis 0),
+    dhk0 [B, owners, dk, m], dhv0 [B, owners, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
+    per_program = _heads_per_state_program(group)
+    owners = heads // per_program
     num_chunks = t_pad // chunk
     splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
     dk_part, dv_part = dk // splits, dv // splits
 
-    def head_tokens(width, split):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, i: (b, 0, h, i if split else 0))
+    def kv_head(o):
+        return o * per_program // group
+
+    def head_tokens(width, split):  # the owner's query heads
+        return pl.BlockSpec((None, t_pad, per_program, width), lambda b, o, i: (b, 0, o, i if split else 0))
+
+    def owner_tokens(width, split):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, o, i if split else 0))
 
     def kv_tokens(width, split):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, i: (b, 0, h // group, i if split else 0))
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, kv_head(o), i if split else 0))
 
     def kv_chunk_states(*shape, split_axis):
-        def index(b, h, i):
-            return (b, h // group) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+        def index(b, o, i):
+            return (b, kv_head(o)) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
         return pl.BlockSpec((None, None, *shape), index)
 
-    def head_state(*shape, split_axis):
-        def index(b, h, i):
-            return (b, h) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+    def owner_state(*shape, split_axis):
+        def index(b, o, i):
+            return (b, o) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
         return pl.BlockSpec((None, None, *shape), index)
 
-    partial = pl.BlockSpec((None, None, t_pad, None, m), lambda b, h, i: (i, b, 0, h, 0))
+    partial = pl.BlockSpec((None, None, t_pad, None, m), lambda b, o, i: (i, b, 0, o, 0))
     f32 = jnp.float32
     return pl.pallas_call(
         functools.partial(_state_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
                           num_chunks=num_chunks),
-        grid=(batch, heads, splits),
+        grid=(batch, owners, splits),
         in_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), head_tokens(m, False),
                   head_tokens(m, False), kv_tokens(dk_part, True), kv_tokens(dv_part, True), kv_tokens(m, False),
-                  kv_tokens(m, False), pl.BlockSpec((None, t_pad), lambda b, h, i: (b, 0)),
+                  kv_tokens(m, False), pl.BlockSpec((None, t_pad), lambda b, o, i: (b, 0)),
                   kv_chunk_states(num_chunks, dk_part, m, split_axis=1),
                   kv_chunk_states(num_chunks, m, dv_part, split_axis=2),
-                  head_state(dk_part, m, split_axis=0), head_state(m, dv_part, split_axis=1)],
-        out_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), partial, partial,
-                   head_state(dk_part, m, split_axis=0), head_state(m, dv_part, split_axis=1)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dk), f32),
-                   jax.ShapeDtypeStruct((batch, t_pad, heads, dv), f32),
-                   jax.ShapeDtypeStruct((splits, batch, t_pad, heads, m), f32),
-                   jax.ShapeDtypeStruct((splits, batch, t_pad, heads, m), f32),
-                   jax.ShapeDtypeStruct((batch, heads, dk, m), f32),
-                   jax.ShapeDtypeStruct((batch, heads, m, dv), f32)],
+                  owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
+        out_specs=[owner_tokens(dk_part, True), owner_tokens(dv_part, True), partial, partial,
+                   owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), f32),
+                   jax.ShapeDtypeStruct((batch, t_pad, owners, dv), f32),
+                   jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
+                   jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
+                   jax.ShapeDtypeStruct((batch, owners, dk, m), f32),
+                   jax.ShapeDtypeStruct((batch, owners, m, dv), f32)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
         interpret=interpret,
         name="nha_state_backward",
@@ -748,13 +803,18 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents)
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
-    def first_head_of_group(x):  # [B, Hkv, ...] -> [B, H, ...]: the kv head's gradient enters its group once
+    per_kv_head = _heads_per_state_program(group) == group  # the state backward's programs own kv heads
+
+    def state_owners(x):  # [B, Hkv, ...] -> per owner of the state backward; a kv head's gradient enters once
+        x = x.astype(jnp.float32)
+        if per_kv_head:
+            return x
         spread = jnp.zeros((batch, kv_heads, group) + x.shape[2:], jnp.float32).at[:, :, 0].set(x)
         return spread.reshape((batch, heads) + x.shape[2:])
 
     dks_state, dvs_state, dwrites_state, dgates_state, dhk0, dhv0 = _state_backward(
-        q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, first_head_of_group(dhk_final.astype(jnp.float32)),
-        first_head_of_group(dhv_final.astype(jnp.float32)), chunk=chunk, config=config, interpret=interpret)
+        q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, state_owners(dhk_final), state_owners(dhv_final),
+        chunk=chunk, config=config, interpret=interpret)
     if window > 0:
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)
@@ -764,13 +824,18 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents)
     def group_sum(x):  # per query head [B, Tp, H, d] -> per kv head [B, Tp, Hkv, d]
         return x.reshape(batch, t_pad, kv_heads, group, x.shape[-1]).sum(axis=3)
 
-    def group_sum_state(x):  # [B, H, ...] -> [B, Hkv, ...]
-        return x.reshape((batch, kv_heads, group) + x.shape[2:]).sum(axis=2)
+    def owners_to_kv(x):  # [B, Tp, owners, d] -> [B, Tp, Hkv, d]
+        return x if per_kv_head else group_sum(x)
+
+    def owner_states_to_kv(x):  # [B, owners, ...] -> [B, Hkv, ...]
+        return x if per_kv_head else x.reshape((batch, kv_heads, group) + x.shape[2:]).sum(axis=2)
 
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
-            group_sum(dks + dks_state).astype(ks.dtype), group_sum(dvs + dvs_state).astype(vs.dtype),
-            group_sum(dgates + dgates_state.sum(axis=0)), group_sum(dwrites + dwrites_state.sum(axis=0)),
-            group_sum_state(dhk0), group_sum_state(dhv0), None, None)
+            (group_sum(dks) + owners_to_kv(dks_state)).astype(ks.dtype),
+            (group_sum(dvs) + owners_to_kv(dvs_state)).astype(vs.dtype),
+            group_sum(dgates) + owners_to_kv(dgates_state.sum(axis=0)),
+            group_sum(dwrites) + owners_to_kv(dwrites_state.sum(axis=0)),
+            owner_states_to_kv(dhk0), owner_states_to_kv(dhv0), None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

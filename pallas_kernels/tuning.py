@@ -35,6 +35,10 @@ class TritonConfig:
       B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
     factored_pairs: compute a sub-block's pair terms as matmuls with factored decays where its gates allow
       (pallas_kernels.triton._FactoredPairs); False always takes the elementwise [sub, sub, m] block.
+    input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
+      kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
+      kernels round them to that dtype before their dots either way; the state backward's decay gradient
+      <dH, H> then sees the rounded state.
     """
 
     chunk: int
@@ -48,6 +52,7 @@ class TritonConfig:
     backward_warps: int
     backward_stages: int
     factored_pairs: bool = True
+    input_dtype_states: bool = True
 
 
 # Keyed by max(padded dk, padded dv); the first row whose bound is >= the key wins.

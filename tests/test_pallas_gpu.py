@@ -57,7 +57,11 @@ CASES = {
     # block 32 = two sub-blocks of 16: the state is carried inside a chunk; dk = 32 splits the state kernels.
     # Gates 20x stronger from T/2: sub-blocks on both sides of _FACTORED_SPAN (checked in the test).
     "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv_strong_gates": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32, 20.0),
-    "w_gt_chunk_segments": (1, 45, 2, 1, 16, 32, 16, 24, (20,), 16, 1.0),
+    # Documents long against W and the chunk: slot states (and their gradients, summed over the GQA group of 2)
+    # cross several chunks.
+    "gqa_state_crosses_chunks": (1, 50, 4, 2, 16, 16, 8, 3, (23,), 16, 1.0),
+    # A GQA group of 3 (not a power of two): the state backward runs per query head, XLA sums the group.
+    "w_gt_chunk_segments_group3": (1, 45, 3, 1, 16, 32, 16, 24, (20,), 16, 1.0),
     "w_ge_t_full_attention_plus_sinks": (1, 40, 2, 2, 16, 16, 16, 64, (), 16, 1.0),
     "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16, 1.0),
 }
