@@ -24,7 +24,7 @@ from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
 from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
-                                   _state_backward, _window_backward, nha_attention_triton)
+                                   _state_backward, _state_splits, _window_backward, nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
@@ -135,6 +135,8 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "warps16": dict(output_warps=16, backward_warps=16),
     "elementwise": dict(factored_pairs=False),
     "f32_states": dict(input_dtype_states=False),
+    "grouped_always": dict(grouped_state_backward_programs=0),
+    "grouped_never": dict(grouped_state_backward_programs=1 << 30),
 }
 
 
@@ -178,7 +180,8 @@ def breakdown(key, shape, reps, sweep):
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
             _, _, _, _, _, _, a, p = kernels["output_bwd"](*args)
             times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
-            owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS)
+            splits = _state_splits(HEAD_DIM, HEAD_DIM, config)
+            owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS, batch * KV_HEADS * splits, config)
             dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)
             dhv_last = jnp.zeros((batch, owners) + hv_last.shape[2:], jnp.float32)
             args = (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last)

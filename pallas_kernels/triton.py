@@ -532,7 +532,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     batch, t_pad, kv_heads, dk = ks.shape
     dv, m = vs.shape[3], gates.shape[3]
     num_chunks = t_pad // chunk
-    splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
+    splits = _state_splits(dk, dv, config)
     dk_part, dv_part = dk // splits, dv // splits
     state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
 
@@ -644,10 +644,16 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta)
 
 
-def _heads_per_state_program(group: int) -> int:
+def _heads_per_state_program(group: int, kv_programs: int, config) -> int:
     """Query heads per program of the state backward: the whole GQA group (whose states are one kv head's) when
-    Triton can hold it in one block (a power of two), else 1."""
-    return group if group & (group - 1) == 0 else 1
+    Triton can hold it in one block (a power of two) and the kv_programs (batch x kv heads x splits) are enough
+    (config.grouped_state_backward_programs), else 1."""
+    grouped = group & (group - 1) == 0 and kv_programs >= config.grouped_state_backward_programs
+    return group if grouped else 1
+
+
+def _state_splits(dk, dv, config):
+    return max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
 
 
 def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last, *,
@@ -664,11 +670,11 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
-    per_program = _heads_per_state_program(group)
-    owners = heads // per_program
     num_chunks = t_pad // chunk
-    splits = max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
+    splits = _state_splits(dk, dv, config)
     dk_part, dv_part = dk // splits, dv // splits
+    per_program = _heads_per_state_program(group, batch * kv_heads * splits, config)
+    owners = heads // per_program
 
     def kv_head(o):
         return o * per_program // group
@@ -803,7 +809,9 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents)
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
-    per_kv_head = _heads_per_state_program(group) == group  # the state backward's programs own kv heads
+    splits = _state_splits(q.shape[3], v.shape[3], config)
+    # Whether the state backward's programs own kv heads (else query heads).
+    per_kv_head = _heads_per_state_program(group, batch * kv_heads * splits, config) == group
 
     def state_owners(x):  # [B, Hkv, ...] -> per owner of the state backward; a kv head's gradient enters once
         x = x.astype(jnp.float32)

@@ -35,6 +35,10 @@ class TritonConfig:
       B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
     factored_pairs: compute a sub-block's pair terms as matmuls with factored decays where its gates allow
       (pallas_kernels.triton._FactoredPairs); False always takes the elementwise [sub, sub, m] block.
+    grouped_state_backward_programs: the state backward gives each program a whole GQA group (one kv head's
+      state, its query heads' gradients summed in-kernel) when batch x kv heads x state_splits reaches this many
+      programs; below it, one program per query head keeps the GPU busier (the chunks run in sequence inside a
+      program).
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -52,6 +56,7 @@ class TritonConfig:
     backward_warps: int
     backward_stages: int
     factored_pairs: bool = True
+    grouped_state_backward_programs: int = 128
     input_dtype_states: bool = True
 
 
