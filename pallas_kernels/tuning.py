@@ -10,6 +10,10 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   memory (232 KB available).
 - dk = dv = 64, H = 16, Hkv = 4, m = 64, W = 32 (NHA-340M's layers, same date): chunk 16 with 4 warps beat chunk 32
   (4.5 vs 5.7 ms), 32-row sub-blocks (9.8 ms: the backward spills) and 8 warps (7.0 ms).
+- Session 6 (2026-11-27, input-dtype chunk states, tf32 pair dots): 16 warps lost at both head dims (dk = 128
+  output backward 4.3 vs 2.4 ms), and so did 8 warps at dk = 64 (1.5 vs 1.1 ms). The state backward with a whole
+  GQA group per program: 0.68 vs 1.36 ms at NHA-340M's layer with B = 8 (128 programs), 1.95 vs 1.77 ms at B = 2,
+  T = 8192 (32 programs): hence grouped_state_backward_programs = 128.
 - Earlier, with elementwise pairs (2026-11-26): 8 warps beat 4 at dk = 128, stages hardly mattered, and splitting the
   state kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
 The dk > 128 row is not measured.
