@@ -6,6 +6,7 @@ Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
+pallas_scan / pallas_sequential force the slot states' XLA scan or sequential kernels (TritonConfig.scan_states).
 --profile also prints each impl's forward+backward device time per kernel (XLA fusions included) per shape.
 --once runs one Pallas forward+backward at the first shape and exits: a target for Nsight Compute, e.g.
   ncu --clock-control none --kernel-name regex:nha --section Occupancy python3 -m bench.bench_kernels --once
@@ -31,13 +32,16 @@ SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
 HEADS, KV_HEADS, HEAD_DIM, SLOTS, WINDOW = 16, 16, 128, 64, 64  # --dims replaces them
 
 
-def pallas_fn(window):
+def pallas_fn(window, **config_changes):
+    """The Pallas path with the tuning table's row, changed by config_changes (TritonConfig fields)."""
     def run(q, k, v, log_alpha):
         batch, seq = q.shape[:2]
         seg = jnp.zeros((batch, seq), jnp.int32)
         runs, pos = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+        config = dataclasses.replace(triton_config(max(q.shape[3], v.shape[3]), state_programs=batch * k.shape[2]),
+                                     **config_changes)
         return nha_attention_triton(q, k, v, log_alpha, runs, pos, window=window, scale=q.shape[-1] ** -0.5,
-                                    rope_theta=10000.0)
+                                    rope_theta=10000.0, config=config)
     return run
 
 
@@ -221,7 +225,8 @@ def main():
         return
     if not args.skip_check:
         check(key)
-    impls = {"pallas_triton": pallas_fn(WINDOW), "chunked_xla": chunked_fn(WINDOW),
+    impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
+             "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
     impls = {name: impls[name] for name in args.impls.split(",")}
     for shape in args.shapes.split(",") if args.sweep != "none" else ():
@@ -254,7 +259,7 @@ def main():
     print(f"\n{'shape':5s} {'impl':16s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} {'fwd TB/s':>9s}")
     for shape, name, fwd_ms, fb_ms, flops, bytes_moved in table:
         batch, seq = SHAPES[shape]
-        nha = name == "pallas_triton"
+        nha = name.startswith("pallas")
         tflops = flops / fwd_ms / 1e9 if nha else float("nan")
         tbps = bytes_moved / fwd_ms / 1e9 if nha else float("nan")
         print(f"{shape:5s} {name:16s} {fwd_ms:8.3f} {fb_ms:8.3f} {fb_ms * 1e3 / (batch * seq):10.4f} "

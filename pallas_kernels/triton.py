@@ -757,13 +757,12 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
 
 
 def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
-             window, num_slots, scale, chunk, interpret, config=None):
+             window, num_slots, scale, chunk, interpret, config):
     """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, H, Tp], hk [B, Hkv, nC, dk, m],
     hv [B, Hkv, nC, m, dv] the states entering each chunk, hk_final, hv_final).
 
-    config: a tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates); None = the table.
+    config: the tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates).
     """
-    config = config or _config(q, ks, vs)
     hk, hv, hk_final, hv_final = _slot_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk, config=config,
                                               interpret=interpret)
     out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
@@ -771,42 +770,103 @@ def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
     return out, lse, hk, hv, hk_final, hv_final
 
 
-def _config(q, ks, vs):
-    return triton_config(max(q.shape[3], vs.shape[3]), state_programs=ks.shape[0] * ks.shape[2])
+def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype):
+    """The slot states entering each chunk, in XLA: every chunk's own contribution at once (batched matmuls over
+    the chunks), then an associative scan over chunks of H_next = decay * H + local (elementwise: no sequential
+    dots). The same values as `_slot_states`, differentiated by XLA.
+
+    Shapes as `_slot_states`. Returns hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv] in state_dtype and the final
+    states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
+    """
+    batch, t_pad, kv_heads, dk = ks.shape
+    dv, m = vs.shape[3], gates.shape[3]
+    num_chunks = t_pad // chunk
+    per_chunk = lambda x: x.reshape((batch, num_chunks, chunk) + x.shape[2:])
+    gates_c, runs = per_chunk(gates), per_chunk(run)  # [B, nC, C, Hkv, m], [B, nC, C]
+    last_run, gate_last = runs[:, :, -1], gates_c[:, :, -1]  # [B, nC], [B, nC, Hkv, m]
+    # As _handover with base 0: only the last row's run reaches the state leaving the chunk, and the state entering
+    # the chunk passes through only if its run is still the last row's.
+    to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
+                        jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
+    weights = (per_chunk(writes) * to_last).astype(ks.dtype)
+    local_k = jnp.einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights, preferred_element_type=jnp.float32)
+    local_v = jnp.einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs), preferred_element_type=jnp.float32)
+    state_run = jnp.concatenate([jnp.zeros((batch, 1), run.dtype), last_run[:, :-1]], axis=1)
+    decay = jnp.where((state_run == last_run)[..., None, None], jnp.exp(gate_last), 0.0)  # [B, nC, Hkv, m]
+
+    def compose(first, second):  # apply `first`, then `second`: H -> a2 (a1 H + b1) + b2
+        (a1, bk1, bv1), (a2, bk2, bv2) = first, second
+        return a1 * a2, a2[..., None, :] * bk1 + bk2, a2[..., :, None] * bv1 + bv2
+
+    decay_to, from_k, from_v = jax.lax.associative_scan(compose, (decay, local_k, local_v), axis=1)
+    # States after chunks 0 .. nC-1 (the last one is the final state): A_c H_0 + B_c.
+    after_k = decay_to[..., None, :] * hk0[:, None] + from_k
+    after_v = decay_to[..., :, None] * hv0[:, None] + from_v
+    entering = lambda first, after: jnp.swapaxes(
+        jnp.concatenate([first[:, None], after[:, :-1]], axis=1), 1, 2).astype(state_dtype)
+    return entering(hk0, after_k), entering(hv0, after_v), after_k[:, -1], after_v[:, -1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16))
-def _core(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret):
-    """The core problem prepared by `_prepare`, differentiable in its float inputs.
+def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, *,
+                       window, num_slots, scale, chunk, config, interpret):
+    """The backward kernels both custom_vjps share: the output backward and the window backward.
+
+    Returns d_out in q.dtype, delta [B, H, Tp], and per query head dq, dqr, dks, dvs, dwrites, dgates, a, p (see
+    `_output_backward`) and dkr [B, Tp, H, dk], dv [B, Tp, H, dv] float32 (zeros when W = 0).
+    """
+    batch, t_pad, heads, _ = q.shape
+    delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
+    d_out = d_out.astype(q.dtype)
+    output_grads = _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta,
+                                    window=window, num_slots=num_slots, scale=scale, chunk=chunk, config=config,
+                                    interpret=interpret)
+    if window > 0:
+        dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
+                                   config=config, interpret=interpret)
+    else:
+        dkr, dv = jnp.zeros(qr.shape, jnp.float32), jnp.zeros((batch, t_pad, heads, v.shape[3]), jnp.float32)
+    return d_out, delta, output_grads, dkr, dv
+
+
+def _group_sum(x, kv_heads):
+    """Per query head [B, Tp, H, d] -> per kv head [B, Tp, Hkv, d] (GQA groups are consecutive heads)."""
+    batch, t_pad, heads, width = x.shape
+    return x.reshape(batch, t_pad, kv_heads, heads // kv_heads, width).sum(axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))
+def _core(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
+          config):
+    """The core problem prepared by `_prepare`, differentiable in its float inputs, with the sequential slot-state
+    kernels (`_slot_states` forward, `_state_backward` for its gradient).
 
     q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; gates, writes [B, Tp, Hkv, m] float32;
     hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`.
-    Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] (float32).
+    config: the tuning.TritonConfig. Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final
+    [B, Hkv, m, dv] (float32).
     """
     out, _, _, _, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
                                                 window=window, num_slots=num_slots, scale=scale, chunk=chunk,
-                                                interpret=interpret)
+                                                interpret=interpret, config=config)
     return out, hk_final, hv_final
 
 
-def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret):
+def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
+              config):
     out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
                                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk,
-                                                    interpret=interpret)
+                                                    interpret=interpret, config=config)
     return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv)
 
 
-def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents):
+def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cotangents):
     q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv = residuals
     d_out, dhk_final, dhv_final = cotangents
-    batch, t_pad, heads, _ = q.shape
+    batch, _, heads, _ = q.shape
     kv_heads = ks.shape[2]
     group = heads // kv_heads
-    config = _config(q, ks, vs)
-    delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
-    d_out = d_out.astype(q.dtype)
-    dq, dqr, dks, dvs, dwrites, dgates, a, p = _output_backward(
-        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window,
+    d_out, _, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
     splits = _state_splits(q.shape[3], v.shape[3], config)
@@ -823,21 +883,14 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents)
     dks_state, dvs_state, dwrites_state, dgates_state, dhk0, dhv0 = _state_backward(
         q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, state_owners(dhk_final), state_owners(dhv_final),
         chunk=chunk, config=config, interpret=interpret)
-    if window > 0:
-        dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
-                                   config=config, interpret=interpret)
-    else:
-        dkr, dv = jnp.zeros(qr.shape, jnp.float32), jnp.zeros((batch, t_pad, heads, v.shape[3]), jnp.float32)
-
-    def group_sum(x):  # per query head [B, Tp, H, d] -> per kv head [B, Tp, Hkv, d]
-        return x.reshape(batch, t_pad, kv_heads, group, x.shape[-1]).sum(axis=3)
 
     def owners_to_kv(x):  # [B, Tp, owners, d] -> [B, Tp, Hkv, d]
-        return x if per_kv_head else group_sum(x)
+        return x if per_kv_head else _group_sum(x, kv_heads)
 
     def owner_states_to_kv(x):  # [B, owners, ...] -> [B, Hkv, ...]
         return x if per_kv_head else x.reshape((batch, kv_heads, group) + x.shape[2:]).sum(axis=2)
 
+    group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             (group_sum(dks) + owners_to_kv(dks_state)).astype(ks.dtype),
             (group_sum(dvs) + owners_to_kv(dvs_state)).astype(vs.dtype),
@@ -847,6 +900,48 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, residuals, cotangents)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))
+def _core_given_states(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window, num_slots, scale, chunk,
+                       interpret, config):
+    """The core problem with the states entering each chunk given (by `_scanned_chunk_states`): the output kernel,
+    and as its gradient the output and window backward kernels plus the gradient of each chunk's entering state.
+
+    Inputs as `_core` but hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv] (any float dtype) for hk0, hv0. Needs one
+    sub-block per chunk (the output backward's per-row state factors then refer to the chunk's entering state).
+    Returns o [B, Tp, H, dv] in q.dtype.
+    """
+    out, _ = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+                      scale=scale, chunk=chunk, config=config, interpret=interpret)
+    return out
+
+
+def _core_given_states_fwd(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window, num_slots, scale, chunk,
+                           interpret, config):
+    out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+                        scale=scale, chunk=chunk, config=config, interpret=interpret)
+    return out, (q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse)
+
+
+def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, residuals, d_out):
+    q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse = residuals
+    batch, t_pad, heads, dk = q.shape
+    kv_heads = ks.shape[2]
+    d_out, _, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
+        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
+    # The gradient of the state entering a chunk: its rows' q^T a and p^T do, summed over each GQA group.
+    per_chunk = lambda x: x.reshape(batch, t_pad // chunk, chunk, kv_heads, heads // kv_heads, x.shape[-1])
+    dhk = jnp.einsum("bctgjd,bctgjm->bgcdm", per_chunk(q), per_chunk(a), preferred_element_type=jnp.float32)
+    dhv = jnp.einsum("bctgjm,bctgjd->bgcmd", per_chunk(p), per_chunk(d_out), preferred_element_type=jnp.float32)
+    group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
+    return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
+            group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
+            group_sum(dwrites), dhk.astype(hk.dtype), dhv.astype(hv.dtype), None, None)
+
+
+_core_given_states.defvjp(_core_given_states_fwd, _core_given_states_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -944,7 +1039,8 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
 
 
 def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=None, slot_v0=None, *,
-                         window, scale, rope_theta, return_slots=False, interpret=False, block_size=None):
+                         window, scale, rope_theta, return_slots=False, interpret=False, block_size=None,
+                         config=None):
     """Native Hybrid Attention with the Pallas (Triton lowering) kernels; differentiable (custom_vjp).
 
     q [B, T, H, dk], k [B, T, Hkv, dk], v [B, T, Hkv, dv] (bf16 or float32); log_alpha [B, T, Hkv, m] float32 (<= 0);
@@ -954,14 +1050,25 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     Returns out [B, T, H, dv] in q.dtype, and with return_slots also slot_k [B, Hkv, m, dk] and slot_v
     [B, Hkv, m, dv] (float32), the slot state after token T-1.
     interpret=True runs the kernels in Pallas interpret mode (CPU). block_size (a power of two >= 16) overrides the
-    tuning table's chunk (tests use small chunks to cover many chunk boundaries cheaply).
+    tuning table's chunk (tests use small chunks to cover many chunk boundaries cheaply). config: a
+    tuning.TritonConfig replacing the table's row (benchmarks and tests); block_size still overrides its chunk.
     """
     window = int(window)
     _validate(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window, rope_theta)
     seq, dv, m, dk = q.shape[1], v.shape[3], log_alpha.shape[3], q.shape[3]
+    config = config or triton_config(max(_pow2_at_least(dk), _pow2_at_least(dv)),
+                                     state_programs=k.shape[0] * k.shape[2])
     core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
-                                rope_theta=rope_theta, block_size=block_size)
-    out, hk, hv = _core(*core_args, window, m, float(scale), chunk, bool(interpret))
+                                rope_theta=rope_theta, block_size=block_size or config.chunk)
+    statics = (window, m, float(scale), chunk, bool(interpret), config)
+    if config.scan_states and min(config.sub_block, chunk) == chunk:
+        q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg, run = core_args
+        state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
+        hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk,
+                                                             state_dtype=state_dtype)
+        out = _core_given_states(q_p, qr, kr, v_p, ks, vs, gates, writes, hk_chunks, hv_chunks, seg, run, *statics)
+    else:
+        out, hk, hv = _core(*core_args, *statics)
     out = out[:, :seq, :, :dv]
     if not return_slots:
         return out

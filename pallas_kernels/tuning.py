@@ -43,6 +43,10 @@ class TritonConfig:
       state, its query heads' gradients summed in-kernel) when batch x kv heads x state_splits reaches this many
       programs; below it, one program per query head keeps the GPU busier (the chunks run in sequence inside a
       program).
+    scan_states: compute the slot states entering each chunk in XLA (every chunk's contribution at once, then an
+      associative scan over chunks; XLA differentiates it) instead of the sequential slot-state kernel and its
+      reverse in the backward, whose chunk-after-chunk loop leaves the GPU idle when batch x kv heads is small.
+      Taken only with one sub-block per chunk (sub_block >= chunk).
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -61,6 +65,7 @@ class TritonConfig:
     backward_stages: int
     factored_pairs: bool = True
     grouped_state_backward_programs: int = 128
+    scan_states: bool = False
     input_dtype_states: bool = True
 
 

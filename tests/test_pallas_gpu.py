@@ -16,8 +16,8 @@ from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import max_rel_err
-from pallas_kernels import triton as pallas_triton
 from pallas_kernels.triton import _FACTORED_SPAN, _prepare, nha_attention_triton
+from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
 
@@ -81,16 +81,19 @@ def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size):
     return jnp.max(base - last, axis=-1)
 
 
+@pytest.mark.parametrize("states", ["sequential", "scan"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_forward_and_gradients_match_naive(case, monkeypatch):
+def test_forward_and_gradients_match_naive(case, states):
     """Output and the gradients of q, k, v, log_alpha (max relative error <= 1e-4 in float32), through both pair
-    paths of the kernels (factored matmuls and the elementwise fallback for strong gates). The state backward
+    paths of the kernels (factored matmuls and the elementwise fallback for strong gates), with the slot states
+    from the sequential kernels or from the XLA scan (one sub-block per chunk). The sequential state backward
     takes a whole GQA group per program wherever the group is a power of two (on the GPU only when there are
     enough programs): the group-of-3 case covers one program per query head."""
-    table = pallas_triton.triton_config
-    monkeypatch.setattr(pallas_triton, "triton_config", lambda *a, **kw: dataclasses.replace(
-        table(*a, **kw), grouped_state_backward_programs=0))
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
+    config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
+                                 scan_states=states == "scan")
+    if states == "scan":
+        config = dataclasses.replace(config, sub_block=block_size)
     q, k, v, log_alpha, cotangent = _inputs(2, batch, seq, heads, kv_heads, dk, dv, m)
     log_alpha = log_alpha * jnp.where(jnp.arange(seq) >= seq // 2, gate_boost, 1.0)[None, :, None, None]
     seg = _segments(batch, seq, cuts)
@@ -100,7 +103,7 @@ def test_forward_and_gradients_match_naive(case, monkeypatch):
         assert float(spans.max()) > _FACTORED_SPAN > float(spans.max(axis=(0, 2))[2]) > 0.5 * _FACTORED_SPAN
 
     def loss_triton(*xs):
-        out = _triton(*xs, seg, window=window, block_size=block_size)
+        out = _triton(*xs, seg, window=window, block_size=block_size, config=config)
         return jnp.sum(out * cotangent), out
 
     def loss_naive(*xs):
@@ -121,9 +124,11 @@ def _grad(loss, argnums=(0, 1, 2, 3)):
     return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
 
 
-def test_initial_and_final_slots_match_recurrent():
+@pytest.mark.parametrize("scan_states", [False, True], ids=["sequential", "scan"])
+def test_initial_and_final_slots_match_recurrent(scan_states):
     """slot_k0/slot_v0 seen by run 0 only; return_slots = the state after T-1; gradients reach the initial slots.
-    Also the W = 0 case of the grid (Gated Slot Attention), with GQA, segments and odd T."""
+    Also the W = 0 case of the grid (Gated Slot Attention), with GQA, segments and odd T; with the slot states
+    from the sequential kernels or the XLA scan."""
     batch, seq, heads, kv_heads, dk, dv, m, window = 2, 35, 2, 1, 16, 16, 16, 0
     q, k, v, log_alpha, cotangent = _inputs(3, batch, seq, heads, kv_heads, dk, dv, m)
     keys = jax.random.split(jax.random.PRNGKey(4), 2)
@@ -136,7 +141,9 @@ def test_initial_and_final_slots_match_recurrent():
     def triton(q, k, v, log_alpha, slot_k0, slot_v0):
         return nha_attention_triton(q, k, v, log_alpha, runs, positions, slot_k0, slot_v0, window=window,
                                     scale=dk ** -0.5, rope_theta=ROPE, return_slots=True, interpret=True,
-                                    block_size=16)
+                                    block_size=16, config=config)
+
+    config = dataclasses.replace(triton_config(dk), scan_states=scan_states)
 
     def recurrent(q, k, v, log_alpha, slot_k0, slot_v0):
         state = init_state(batch, kv_heads, m, dk, dv, window)._replace(slot_k=slot_k0, slot_v=slot_v0,
