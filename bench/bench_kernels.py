@@ -38,8 +38,10 @@ def pallas_fn(window, **config_changes):
         batch, seq = q.shape[:2]
         seg = jnp.zeros((batch, seq), jnp.int32)
         runs, pos = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-        config = dataclasses.replace(triton_config(max(q.shape[3], v.shape[3]), state_programs=batch * k.shape[2]),
-                                     **config_changes)
+        programs = batch * k.shape[2]
+        config = triton_config(max(q.shape[3], v.shape[3]), state_programs=programs,
+                               state_elements=programs * log_alpha.shape[3] * (q.shape[3] + v.shape[3]))
+        config = dataclasses.replace(config, **config_changes)
         return nha_attention_triton(q, k, v, log_alpha, runs, pos, window=window, scale=q.shape[-1] ** -0.5,
                                     rope_theta=10000.0, config=config)
     return run

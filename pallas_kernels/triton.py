@@ -21,6 +21,10 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   state hand-over; `_window_backward_kernel`, grid (B, H, key blocks), gives the window dk/dv without atomics.
   Kernels work per query head (the state backward per kv head when the GQA group is a power of two); XLA sums
   each GQA group.
+- When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
+  give way to `_scanned_chunk_states` in XLA (per-chunk contributions as batched matmuls, an associative scan over
+  chunks, differentiated by XLA) and `_core_given_states`, whose backward turns the output backward's per-row
+  factors into the gradient of each chunk's entering state.
 """
 from __future__ import annotations
 
@@ -1056,8 +1060,10 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     window = int(window)
     _validate(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window, rope_theta)
     seq, dv, m, dk = q.shape[1], v.shape[3], log_alpha.shape[3], q.shape[3]
-    config = config or triton_config(max(_pow2_at_least(dk), _pow2_at_least(dv)),
-                                     state_programs=k.shape[0] * k.shape[2])
+    dk_pad, dv_pad, m_pad = _pow2_at_least(dk), _pow2_at_least(dv), _pow2_at_least(m)
+    state_programs = k.shape[0] * k.shape[2]
+    config = config or triton_config(max(dk_pad, dv_pad), state_programs=state_programs,
+                                     state_elements=state_programs * m_pad * (dk_pad + dv_pad))
     core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
                                 rope_theta=rope_theta, block_size=block_size or config.chunk)
     statics = (window, m, float(scale), chunk, bool(interpret), config)

@@ -84,16 +84,27 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
 # Below this many (batch, kv head) pairs the state kernel alone leaves most of an H100's 132 SMs idle.
 _FEW_STATE_PROGRAMS = 64
 _SPLITS_WHEN_FEW = 4
+# Up to this many elements in one chunk's slot states summed over batch and kv heads (B * Hkv * m * (dk + dv)),
+# the XLA scan over chunks beats the sequential state kernels. The kernels' time grows with the number of chunks
+# (one dependent step per chunk), the scan's with the elements it moves. H100, 2026-11-27, fwd+bwd of the whole op:
+# 65536 (B = 2, Hkv = 4, m = 64, dk = dv = 64, T = 8192): scan 3.75 vs 4.77 ms; 262144 (B = 8, same dims,
+# T = 2048): 3.26 vs 2.87 ms; 262144 (B = 1, Hkv = 16, dk = dv = 128, T = 32768): 18.0 vs 15.5 ms.
+_SCAN_STATE_ELEMENTS = 1 << 17
 
 
-def triton_config(head_dim: int, state_programs: int | None = None) -> TritonConfig:
+def triton_config(head_dim: int, state_programs: int | None = None,
+                  state_elements: int | None = None) -> TritonConfig:
     """Launch parameters for kernels whose largest padded head dimension is `head_dim`.
 
     state_programs: batch * kv heads, if known; when it is small the state kernel is split over dk and dv.
+    state_elements: batch * kv heads * m * (dk + dv), if known; when it is small the slot states come from the XLA
+    scan (TritonConfig.scan_states).
     """
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1, got {head_dim}")
     config = next(config for bound, config in _TABLE if head_dim <= bound)
     if state_programs is not None and state_programs < _FEW_STATE_PROGRAMS:
         config = dataclasses.replace(config, state_splits=_SPLITS_WHEN_FEW)
+    if state_elements is not None and state_elements <= _SCAN_STATE_ELEMENTS:
+        config = dataclasses.replace(config, scan_states=True)
     return config
