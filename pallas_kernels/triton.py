@@ -815,8 +815,8 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
                        window, num_slots, scale, chunk, config, interpret):
     """The backward kernels both custom_vjps share: the output backward and the window backward.
 
-    Returns d_out in q.dtype, delta [B, H, Tp], and per query head dq, dqr, dks, dvs, dwrites, dgates, a, p (see
-    `_output_backward`) and dkr [B, Tp, H, dk], dv [B, Tp, H, dv] float32 (zeros when W = 0).
+    Returns d_out in q.dtype, the per-query-head outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites,
+    dgates, a, p) as a tuple, and dkr [B, Tp, H, dk], dv [B, Tp, H, dv] float32 (zeros when W = 0).
     """
     batch, t_pad, heads, _ = q.shape
     delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
@@ -829,7 +829,7 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
                                    config=config, interpret=interpret)
     else:
         dkr, dv = jnp.zeros(qr.shape, jnp.float32), jnp.zeros((batch, t_pad, heads, v.shape[3]), jnp.float32)
-    return d_out, delta, output_grads, dkr, dv
+    return d_out, output_grads, dkr, dv
 
 
 def _group_sum(x, kv_heads):
@@ -869,7 +869,7 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cot
     batch, _, heads, _ = q.shape
     kv_heads = ks.shape[2]
     group = heads // kv_heads
-    d_out, _, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+    d_out, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
@@ -932,7 +932,7 @@ def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, r
     q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse = residuals
     batch, t_pad, heads, dk = q.shape
     kv_heads = ks.shape[2]
-    d_out, _, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+    d_out, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
     # The gradient of the state entering a chunk: its rows' q^T a and p^T do, summed over each GQA group.
