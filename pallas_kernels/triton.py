@@ -774,6 +774,11 @@ def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
     return out, lse, hk, hv, hk_final, hv_final
 
 
+def _xla_precision(dtype):
+    """Float32 inputs get exact float32 matmuls in XLA too (XLA:GPU would otherwise use tf32), as in the kernels."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype):
     """The slot states entering each chunk, in XLA: every chunk's own contribution at once (batched matmuls over
     the chunks), then an associative scan over chunks of H_next = decay * H + local (elementwise: no sequential
@@ -793,8 +798,9 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
                         jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
     weights = (per_chunk(writes) * to_last).astype(ks.dtype)
-    local_k = jnp.einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights, preferred_element_type=jnp.float32)
-    local_v = jnp.einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs), preferred_element_type=jnp.float32)
+    einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype), preferred_element_type=jnp.float32)
+    local_k = einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights)
+    local_v = einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs))
     state_run = jnp.concatenate([jnp.zeros((batch, 1), run.dtype), last_run[:, :-1]], axis=1)
     decay = jnp.where((state_run == last_run)[..., None, None], jnp.exp(gate_last), 0.0)  # [B, nC, Hkv, m]
 
@@ -937,8 +943,9 @@ def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, r
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
     # The gradient of the state entering a chunk: its rows' q^T a and p^T do, summed over each GQA group.
     per_chunk = lambda x: x.reshape(batch, t_pad // chunk, chunk, kv_heads, heads // kv_heads, x.shape[-1])
-    dhk = jnp.einsum("bctgjd,bctgjm->bgcdm", per_chunk(q), per_chunk(a), preferred_element_type=jnp.float32)
-    dhv = jnp.einsum("bctgjm,bctgjd->bgcmd", per_chunk(p), per_chunk(d_out), preferred_element_type=jnp.float32)
+    einsum = functools.partial(jnp.einsum, precision=_xla_precision(q.dtype), preferred_element_type=jnp.float32)
+    dhk = einsum("bctgjd,bctgjm->bgcdm", per_chunk(q), per_chunk(a))
+    dhv = einsum("bctgjm,bctgjd->bgcmd", per_chunk(p), per_chunk(d_out))
     group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
