@@ -25,7 +25,8 @@ from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
 from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
-                                   _state_backward, _state_splits, _window_backward, nha_attention_triton)
+                                   _state_backward, _state_splits, _window_backward, nha_attention_triton,
+                                   table_config)
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
@@ -38,10 +39,8 @@ def pallas_fn(window, **config_changes):
         batch, seq = q.shape[:2]
         seg = jnp.zeros((batch, seq), jnp.int32)
         runs, pos = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-        programs = batch * k.shape[2]
-        config = triton_config(max(q.shape[3], v.shape[3]), state_programs=programs,
-                               state_elements=programs * log_alpha.shape[3] * (q.shape[3] + v.shape[3]))
-        config = dataclasses.replace(config, **config_changes)
+        config = dataclasses.replace(table_config(batch, k.shape[2], q.shape[3], v.shape[3], log_alpha.shape[3]),
+                                     **config_changes)
         return nha_attention_triton(q, k, v, log_alpha, runs, pos, window=window, scale=q.shape[-1] ** -0.5,
                                     rope_theta=10000.0, config=config)
     return run

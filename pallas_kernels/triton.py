@@ -426,8 +426,9 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
     hv [nC, m, dv] the forward's states entering each chunk; dhk_last [dk, m], dhv_last [m, dv] the gradient of
     the final state. Carries dH^k, dH^v (gradient of the state leaving a sub-block) from the last sub-block to the
     first, in the forward's sub-blocks: H_next = decay * H + (writes * to_last)^T @ (ks | vs), and each sub-block's
-    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs, float32: dks [Tp, dk],
-    dvs [Tp, dv]; dwrites, dgates [Tp, m] (partial sums over this program's dk/dv slice); dhk0 [dk, m], dhv0 [m, dv].
+    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs,
+    float32: dks [Tp, dk], dvs [Tp, dv]; dwrites, dgates [Tp, m] (partial sums over this program's dk/dv slice);
+    dhk0 [dk, m], dhv0 [m, dv].
     """
     dtype = ks_ref.dtype
     m_pad = gates_ref.shape[-1]
@@ -472,9 +473,8 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
             dwrites_ref[rows, :] = d_weights * to_last
             dgates_ref[rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
             pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
+            dhk, dhv = dhk * decay[None, :], dhv * decay[:, None]
             for h in range(q_ref.shape[1]):
-                dhk = dhk * decay[None, :] if h == 0 else dhk
-                dhv = dhv * decay[:, None] if h == 0 else dhv
                 dhk += _dot(q_ref[rows, h, :], a_ref[rows, h, :].astype(dtype), trans_a=True)
                 dhv += _dot(p_ref[rows, h, :].astype(dtype), do_ref[rows, h, :], trans_a=True)
         return dhk, dhv
@@ -530,8 +530,8 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
 
     The chunk states hk, hv are stored in the inputs' dtype when config.input_dtype_states (the output kernels
     round them to it before every dot anyway; this halves their bytes for bf16), else float32; the final states
-    are float32. The grid is (B, Hkv, splits): each program owns dk/splits rows of H^k and dv/splits columns of H^v, so that
-    small batches still fill the GPU (the chunk loop inside a program is sequential).
+    are float32. The grid is (B, Hkv, splits): each program owns dk/splits rows of H^k and dv/splits columns of
+    H^v, so that small batches still fill the GPU (the chunk loop inside a program is sequential).
     """
     batch, t_pad, kv_heads, dk = ks.shape
     dv, m = vs.shape[3], gates.shape[3]
@@ -994,7 +994,8 @@ def _validate(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, wind
 
 
 def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, window, rope_theta, block_size):
-    """XLA preparation of the core problem (see the module docstring). Returns (core_args, chunk)."""
+    """XLA preparation of the core problem (see the module docstring) in chunks of block_size tokens (a power of two
+    >= 16). Returns (core_args, chunk)."""
     batch, seq, heads, dk = q.shape
     kv_heads, dv, m = k.shape[2], v.shape[3], log_alpha.shape[3]
     if segment_ids is None:
@@ -1002,7 +1003,7 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     dk_pad, dv_pad, m_pad = _pow2_at_least(dk), _pow2_at_least(dv), _pow2_at_least(m)
-    chunk = triton_config(max(dk_pad, dv_pad)).chunk if block_size is None else int(block_size)
+    chunk = int(block_size)
     if chunk < _MIN_DIM or chunk & (chunk - 1):
         raise ValueError(f"block_size must be a power of two >= {_MIN_DIM} (or None), got {block_size}")
     t_pad = -(-seq // chunk) * chunk
@@ -1049,6 +1050,13 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     return core_args, chunk
 
 
+def table_config(batch: int, kv_heads: int, dk: int, dv: int, m: int):
+    """The tuning table's tuning.TritonConfig for a call with these sizes (head and slot dims as padded)."""
+    dk_pad, dv_pad, m_pad = _pow2_at_least(dk), _pow2_at_least(dv), _pow2_at_least(m)
+    return triton_config(max(dk_pad, dv_pad), state_programs=batch * kv_heads,
+                         state_elements=batch * kv_heads * m_pad * (dk_pad + dv_pad))
+
+
 def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=None, slot_v0=None, *,
                          window, scale, rope_theta, return_slots=False, interpret=False, block_size=None,
                          config=None):
@@ -1067,10 +1075,7 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     window = int(window)
     _validate(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window, rope_theta)
     seq, dv, m, dk = q.shape[1], v.shape[3], log_alpha.shape[3], q.shape[3]
-    dk_pad, dv_pad, m_pad = _pow2_at_least(dk), _pow2_at_least(dv), _pow2_at_least(m)
-    state_programs = k.shape[0] * k.shape[2]
-    config = config or triton_config(max(dk_pad, dv_pad), state_programs=state_programs,
-                                     state_elements=state_programs * m_pad * (dk_pad + dv_pad))
+    config = config or table_config(k.shape[0], k.shape[2], dk, dv, m)
     core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
                                 rope_theta=rope_theta, block_size=block_size or config.chunk)
     statics = (window, m, float(scale), chunk, bool(interpret), config)
