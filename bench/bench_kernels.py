@@ -78,8 +78,9 @@ def nha_counts(batch, seq, window):
     return flops, bytes_moved
 
 
-def check(key):
-    """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA."""
+def check(key, state_paths=("sequential", "scan")):
+    """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA, with the slot
+    states by the sequential kernels and by the XLA scan (chunk 32: the scan needs whole-chunk sub-blocks)."""
     rows = []
     jax.config.update("jax_default_matmul_precision", "highest")  # the XLA reference in true float32
     # The last row: strong decay (log alpha down to about -10) must not overflow the gate exponents.
@@ -90,28 +91,35 @@ def check(key):
         seg = jnp.concatenate([jnp.zeros((2, seq // 3), jnp.int32), jnp.ones((2, seq - seq // 3), jnp.int32)], 1)
         runs, pos = runs_and_positions(seg, jnp.zeros((2,), bool), jnp.zeros((2,), jnp.int32))
 
-        def loss_pallas(q, k, v, la):
-            out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=HEAD_DIM ** -0.5,
-                                       rope_theta=10000.0)
-            return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
-
         def loss_chunked(q, k, v, la):
             out = nha_attention(q, k, v, la, window=window, segment_ids=seg, impl="chunked")
             return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
 
         grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
-        (gp, op), (gc, oc) = grad(loss_pallas)(q, k, v, la), grad(loss_chunked)(q, k, v, la)
-        rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) /
-                                 jnp.linalg.norm(b.astype(jnp.float32)))
-        errs = [rel(op, oc)] + [rel(a, b) for a, b in zip(gp, gc)]
-        nans = [bool(jnp.isnan(x).any()) for x in (op, *gp)], [bool(jnp.isnan(x).any()) for x in (oc, *gc)]
-        if any(nans[0]) or any(nans[1]):
-            print(f"  NaN in (out, dq, dk, dv, dlog_alpha): pallas {nans[0]}, chunked {nans[1]}")
-        rows.append((jnp.dtype(dtype).name, seq, window, gate_scale, errs))
+        gc, oc = grad(loss_chunked)(q, k, v, la)
+        def rel(a, b):  # 0 when both are exactly zero (d log_alpha when W covers every document)
+            error, size = (float(jnp.linalg.norm(x.astype(jnp.float32))) for x in (a - b, b))
+            return error / size if size else error
+        for states in state_paths:  # the ways to the slot states (TritonConfig.scan_states)
+            config = dataclasses.replace(table_config(2, 4, HEAD_DIM, HEAD_DIM, SLOTS), scan_states=states == "scan",
+                                         sub_block=32, chunk=32)
+
+            def loss_pallas(q, k, v, la, config=config):
+                out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=HEAD_DIM ** -0.5,
+                                           rope_theta=10000.0, config=config)
+                return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
+
+            gp, op = grad(loss_pallas)(q, k, v, la)
+            errs = [rel(op, oc)] + [rel(a, b) for a, b in zip(gp, gc)]
+            nans = [bool(jnp.isnan(x).any()) for x in (op, *gp)], [bool(jnp.isnan(x).any()) for x in (oc, *gc)]
+            if any(nans[0]) or any(nans[1]):
+                print(f"  NaN in (out, dq, dk, dv, dlog_alpha): pallas {nans[0]}, chunked {nans[1]}")
+            if not rows:
+                print("correctness vs chunked (rel L2): dtype T W gate-scale states | out dq dk dv dlog_alpha")
+            rows.append(errs)
+            print(f"  {jnp.dtype(dtype).name:8s} {seq:5d} {window:3d} {gate_scale:3d} {states:10s} | " +
+                  " ".join(f"{e:.2e}" for e in errs), flush=True)
     jax.config.update("jax_default_matmul_precision", None)
-    print("correctness vs chunked (rel L2): dtype T W gate-scale | out dq dk dv dlog_alpha")
-    for name, seq, window, gate_scale, errs in rows:
-        print(f"  {name:8s} {seq:5d} {window:3d} {gate_scale:3d} | " + " ".join(f"{e:.2e}" for e in errs))
 
 
 SWEEP = {  # tuning-table candidates, applied to every kernel that uses the field
@@ -204,6 +212,8 @@ def main():
     parser.add_argument("--shapes", default="S1,S2,S3")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--check-states", default="sequential,scan",
+                        help="slot-state paths the check runs: sequential, scan or both")
     parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}, or none")
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
@@ -225,7 +235,7 @@ def main():
         jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, la))
         return
     if not args.skip_check:
-        check(key)
+        check(key, args.check_states.split(","))
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}

@@ -3,6 +3,7 @@ NHA-340M against Transformer++-340M, at several sequence lengths, in one run.
 
     python bench/bench_train.py [--models nha_340m,transformer_340m] [--seq-lens 2048,8192]
                                 [--tokens-per-step 16384] [--steps 10] [--jobs N] [--set model.remat=full ...]
+                                [--profile]
 
 Each (model, T) runs in its own subprocess so that its peak memory is its own. Batches are random tokens, one
 document per row (so full-window layers really attend over T) and no segment ids, so that the Transformer++ full
@@ -30,8 +31,9 @@ def wait_for_turn(turn_dir: str, run_id: str) -> None:
 
 
 def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, overrides: list[str],
-            packed: bool, turn_dir: str = "", run_id: str = "") -> dict:
-    """Compiles and times the train step of configs/<config_name>.py at seq_len; returns one result row."""
+            packed: bool, turn_dir: str = "", run_id: str = "", profile: bool = False) -> dict:
+    """Compiles and times the train step of configs/<config_name>.py at seq_len; returns one result row.
+    profile: also prints the step's device time by kernel kind and its largest kernels (a profiler trace)."""
     sys.path.insert(0, str(REPO))
     import jax
     import numpy as np
@@ -86,6 +88,17 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
             state, metrics = compiled(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+        if profile:
+            from bench.common import kernel_table, print_kernel_table
+
+            def one_step(batch):
+                nonlocal state
+                state, metrics = compiled(state, batch)
+                return metrics
+
+            title = f"{config_name} T={seq_len}"
+            print_kernel_table(title + " by kind", kernel_table(one_step, (batches[0],), by_category=True))
+            print_kernel_table(title, kernel_table(one_step, (batches[0],), top=25))
     step_s = float(np.median(times))
     tokens_per_sec = shape[0] * seq_len / step_s
     windows = layer_windows(config.model, seq_len)
@@ -116,6 +129,7 @@ def run_all(runs, args):
         command = [sys.executable, __file__, "--one", f"{name}:{seq_len}", "--tokens-per-step",
                    str(args.tokens_per_step), "--steps", str(args.steps), "--turn-dir", turn_dir]
         command += [f"--set={s}" for s in args.set] + (["--packed"] if args.packed else [])
+        command += ["--profile"] if args.profile else []
         handle, log = tempfile.mkstemp(prefix=f"bench_train_{name}_{seq_len}_", suffix=".log")
         # A file, not a pipe: XLA's log lines must never block the child. Processes sharing the GPU allocate on
         # demand instead of each taking 75% of its memory up front.
@@ -143,6 +157,9 @@ def run_all(runs, args):
             yield {"model": name, "seq_len": seq_len, "failed": True}
             continue
         row = json.loads(results[0])
+        if args.profile:
+            print("\n".join(line for line in output.splitlines() if line.startswith(("  ", "\n")) or
+                            "device ms per call" in line), flush=True)
         print(json.dumps(row), flush=True)
         yield row
 
@@ -155,6 +172,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--packed", action="store_true", help="feed segment ids, as packed training data does")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each run's device time per step by kernel kind and its largest kernels")
     parser.add_argument("--out", default="", help="also write the rows as JSON lines here")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile up to N runs at once (each in its own process, all holding GPU memory); the "
@@ -166,7 +185,7 @@ def main():
     if args.one:
         name, seq_len = args.one.split(":")
         row = measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set, args.packed, args.turn_dir,
-                      args.one.replace(":", "_"))
+                      args.one.replace(":", "_"), args.profile)
         print("RESULT " + json.dumps(row), flush=True)
         return
 

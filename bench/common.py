@@ -45,11 +45,29 @@ def compiled_bytes(jitted, *args):
     return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
 
 
-def kernel_table(fn, args, top=15, calls=3):
+# Kernel-name patterns of the GPU trace, first match wins: what a step's device time is spent on.
+KERNEL_CATEGORIES = (
+    ("NHA Pallas kernels", ("nha_",)),
+    ("cuDNN attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmuls (cuBLAS / cuDNN GEMM)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("reductions", ("reduce", "reduction")),
+    ("copies and transposes", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice", "concatenate")),
+    ("other XLA fusions", ("",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The KERNEL_CATEGORIES label of one kernel name."""
+    lowered = name.lower()
+    return next(label for label, patterns in KERNEL_CATEGORIES if any(p in lowered for p in patterns))
+
+
+def kernel_table(fn, args, top=15, calls=3, by_category=False):
     """Device time per kernel of `calls` calls of fn(*args) (after warm-up), from a JAX profiler trace.
 
     Returns [(kernel name, total ms per call, launches per call)] sorted by time, the `top` largest, plus a final
     ("(all kernels)", ms, launches) row. Names are XLA's fusion / custom-call names (Pallas kernels keep theirs).
+    by_category sums the kernels by kernel_category instead of by name.
     """
     import collections
     import glob
@@ -75,8 +93,9 @@ def kernel_table(fn, args, top=15, calls=3):
     totals, counts = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in device_pids:
-            totals[e["name"]] += e["dur"] / 1e3 / calls
-            counts[e["name"]] += 1 / calls
+            name = kernel_category(e["name"]) if by_category else e["name"]
+            totals[name] += e["dur"] / 1e3 / calls
+            counts[name] += 1 / calls
     rows = [(name, ms, round(counts[name])) for name, ms in totals.most_common(top)]
     return rows + [("(all kernels)", sum(totals.values()), round(sum(counts.values())))]
 

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.attention_impl = "auto"
     config.model.chunk_size = 64
     config.model.compute_dtype = "bfloat16"
-    config.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    config.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | dots_and_attention
     config.model.scan_layers = False  # True: lax.scan over groups of one window-schedule period (docs/TRAINING.md)
     # The LLM variant of a converted Hugging Face model (nha_jax.convert, docs/CONVERT.md); defaults = plain NHA.
     config.model.value_silu = True  # v = SiLU(W_v x); False: v = W_v x

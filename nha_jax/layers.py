@@ -38,10 +38,39 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., d_in] -> [..., d_out] in self.dtype."""
-        out = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        # The product comes out in self.dtype (the matmul units accumulate in float32 either way). A float32 result
+        # cast down afterwards would make the backward's matmuls float32, since their cotangent is then float32:
+        # on an H100 that ran every weight and input gradient as a tf32 GEMM at half the bf16 rate, for gradients
+        # rounded to bf16 all the same.
+        out = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
-            out = out + self.bias[...]
-        return out.astype(self.dtype)
+            out = out + self.bias[...].astype(self.dtype)
+        return out
+
+
+@jax.custom_vjp
+def logits_matmul(h: jax.Array, head: jax.Array) -> jax.Array:
+    """h [..., D] @ head [D, V], both in the compute dtype -> logits [..., V] float32 (the loss wants float32 logits).
+
+    The backward casts the logits' cotangent to the compute dtype first, so that its two matmuls (the largest of a
+    small model's step) run at the compute dtype's rate; XLA's own transpose would run them in float32.
+    """
+    return jnp.dot(h, head, preferred_element_type=jnp.float32)
+
+
+def _logits_matmul_fwd(h, head):
+    return logits_matmul(h, head), (h, head)
+
+
+def _logits_matmul_bwd(residuals, d_logits):
+    h, head = residuals
+    d_logits = d_logits.astype(h.dtype)
+    d_h = jnp.dot(d_logits, head.T)
+    d_head = jnp.einsum("...d,...v->dv", h, d_logits)
+    return d_h, d_head.astype(head.dtype)
+
+
+logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
 
 
 class RMSNorm(nnx.Module):

@@ -11,18 +11,24 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from nha_jax.layers import (NHAAttention, RMSNorm, SwiGLU, llama3_rope_frequencies, logical_param, long_term_share,
-                            mlp_hidden_size)
+from nha_jax.layers import (NHAAttention, RMSNorm, SwiGLU, llama3_rope_frequencies, logical_param, logits_matmul,
+                            long_term_share, mlp_hidden_size)
 from nha_jax.sharding import constrain
+from pallas_kernels import RESIDUALS_NAME
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
-# Remat policies by config name; None means no rematerialisation (keep every activation).
+# Remat policies by config name; None means no rematerialisation (keep every activation). "dots_and_attention"
+# also keeps what the NHA kernels' backward needs from their forward (output, softmax statistics, chunk states;
+# about 100 MB per layer at NHA-340M's 8 x 2048 tokens), so the backward pass does not run those kernels again.
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots_saveable": _policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "dots_and_attention": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                                            _policies.save_only_these_names(RESIDUALS_NAME)),
 }
 
 
@@ -158,7 +164,7 @@ class LanguageModel(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> logits [..., V] float32 (the head, or embed^T when tied)."""
         head = self.embed[...].T if self.head is None else self.head[...]
-        return jnp.dot(h, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits_matmul(h, head.astype(self.dtype))
 
     def long_term_shares(self, tokens: jax.Array) -> jax.Array:
         """Mean slot share of attention mass per layer for one document: tokens [T] int -> [num_layers] float32.

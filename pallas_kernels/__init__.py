@@ -6,6 +6,18 @@
 """
 import importlib
 
+from jax.ad_checkpoint import checkpoint_name
+
+# The name every kernel's forward gives to what its backward keeps from the kernels (output, softmax statistics,
+# chunk states): a remat policy that saves it (nha_jax.model's "dots_and_attention") keeps the forward kernels from
+# running again in the backward pass.
+RESIDUALS_NAME = "nha_attention_residuals"
+
+
+def name_residuals(*arrays):
+    """The arrays, each tagged RESIDUALS_NAME for jax.checkpoint policies (an identity otherwise)."""
+    return tuple(checkpoint_name(x, RESIDUALS_NAME) for x in arrays)
+
 # impl name -> (module, entry point, the platform its kernels compile for; every backend also interprets on CPU)
 KERNELS = {
     "pallas_triton": ("pallas_kernels.triton", "nha_attention_triton", "gpu"),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import name_residuals
 from pallas_kernels.rope import rope
 
 # Finite "minus infinity" for masked logits: a fully masked row then gives zeros, never NaN.
@@ -473,6 +474,7 @@ def _core(q, qr, kr, v, ks, vs, ws, gs, run_start, state_from, sk0, sv0, window,
 def _core_fwd(q, qr, kr, v, ks, vs, ws, gs, run_start, state_from, sk0, sv0, window, chunk, live_slots, interpret):
     out, lse, sk_chunks, sv_chunks, sk_last, sv_last = _forward(
         q, qr, kr, v, ks, vs, ws, gs, run_start, state_from, sk0, sv0, window, chunk, live_slots, interpret)
+    out, lse, sk_chunks, sv_chunks = name_residuals(out, lse, sk_chunks, sv_chunks)
     residuals = (q, qr, kr, v, ks, vs, ws, gs, run_start, state_from, sk0, sv0, out, lse, sk_chunks, sv_chunks)
     return (out, sk_last, sv_last), residuals
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import name_residuals
 from pallas_kernels.rope import rope
 from pallas_kernels.tuning import triton_config
 
@@ -866,6 +867,7 @@ def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, n
     out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
                                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk,
                                                     interpret=interpret, config=config)
+    out, lse, hk, hv = name_residuals(out, lse, hk, hv)
     return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv)
 
 
@@ -931,6 +933,7 @@ def _core_given_states_fwd(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run
                            interpret, config):
     out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
                         scale=scale, chunk=chunk, config=config, interpret=interpret)
+    out, lse, hk, hv = name_residuals(out, lse, hk, hv)
     return out, (q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse)
 
 

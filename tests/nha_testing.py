@@ -58,3 +58,28 @@ def persistent_compilation_cache(directory):
     finally:
         jax.config.update("jax_compilation_cache_dir", previous[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+def kernel_name(eqn):
+    """A pallas_call equation's kernel name (jax 0.10 keeps it as `name`, later versions in `name_and_src_info`)."""
+    return str(eqn.params.get("name_and_src_info") or eqn.params.get("name")).split(" ")[0]
+
+
+def live_kernel_calls(jaxpr, name, counts=None):
+    """How many pallas_calls called `name` in a jaxpr (nested ones included) have an output that is used.
+
+    Pallas calls are never removed by JAX's dead-code pass (XLA removes them at compile time), so a call whose
+    outputs nothing reads is not counted: it does not run.
+    """
+    counts = [0] if counts is None else counts
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    for eqn in jaxpr.eqns:
+        if (eqn.primitive.name == "pallas_call" and kernel_name(eqn) == name
+                and any(id(v) in used for v in eqn.outvars)):
+            counts[0] += 1
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+                    live_kernel_calls(inner, name, counts)
+    return counts[0]

@@ -104,3 +104,51 @@ def test_layer_scan_equals_unrolled_layers():
     np.testing.assert_allclose(scanned_loss, unrolled_loss, rtol=1e-6)
     for scanned, unrolled in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(unrolled_grads)):
         np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-7)
+
+
+def float32_matmuls(jaxpr) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The dot_generals of a jaxpr, nested ones included, that take a float32 operand: (equation, operand shapes)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(v.aval.dtype == jnp.float32 for v in eqn.invars):
+            found.append((str(eqn), [tuple(v.aval.shape) for v in eqn.invars]))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += float32_matmuls(inner)
+    return found
+
+
+def test_bf16_model_gradient_has_no_float32_matmul():
+    """With bf16 compute every matmul of the dense layers and the head, forward and backward, takes bf16 operands
+    (a float32 one runs at half the tensor-core rate), and the logits stay float32 for the loss."""
+    d_model, vocab, hidden = 56, 40, 72  # sizes no attention tensor has: they mark the dense layers' matmuls
+    config = tiny_model_config(compute_dtype="bfloat16", d_model=d_model, vocab_size=vocab, mlp_hidden=hidden)
+    model = LanguageModel(config, seq_len=SEQ, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.zeros((2, SEQ), jnp.int32)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens)
+        assert logits.dtype == jnp.float32
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    dense = [eqn for eqn, shapes in float32_matmuls(jaxpr) if {d_model, vocab, hidden} & set(sum(shapes, ()))]
+    assert not dense, dense[:2]
+
+
+def test_logits_matmul_gradient_matches_plain_dot():
+    from nha_jax.layers import logits_matmul
+    h = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16), jnp.float32)
+    head = jax.random.normal(jax.random.PRNGKey(1), (16, 40), jnp.float32)
+    weights = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 40), jnp.float32)
+    ours = jax.grad(lambda h, w: jnp.sum(logits_matmul(h, w) * weights), argnums=(0, 1))(h, head)
+    plain = jax.grad(lambda h, w: jnp.sum(jnp.dot(h, w, precision="highest") * weights), argnums=(0, 1))(h, head)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    bf16 = jax.grad(lambda h, w: jnp.sum(logits_matmul(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) * weights),
+                    argnums=(0, 1))(h, head)
+    for a, b in zip(bf16, plain):
+        assert jnp.linalg.norm(a - b) / jnp.linalg.norm(b) < 1e-2

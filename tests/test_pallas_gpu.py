@@ -15,7 +15,7 @@ from nha_jax.ops import nha_attention
 from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
-from nha_testing import max_rel_err
+from nha_testing import live_kernel_calls, max_rel_err
 from pallas_kernels.triton import _FACTORED_SPAN, _prepare, nha_attention_triton
 from pallas_kernels.tuning import triton_config
 
@@ -242,3 +242,24 @@ def test_full_window_gates_are_not_a_cumsum_of_constants(impl):
         assert float_cumsum.search(jaxpr(8)) and not float_cumsum.search(jaxpr(24))
     else:  # the chunked path's gates are constant only when W > T (at W = T they still depend on the run ids)
         assert "optimization_barrier" not in jaxpr(24) and "optimization_barrier" in jaxpr(40)
+
+
+@pytest.mark.parametrize("scan_states", [False, True], ids=["sequential", "scan"])
+def test_remat_policy_dots_and_attention_keeps_the_forward_kernels_from_running_again(scan_states):
+    from nha_jax.model import REMAT_POLICIES
+    q, k, v, log_alpha, ct = _inputs(0, 1, 40, 2, 1, 16, 16, 16)
+    seg = jnp.zeros((1, 40), jnp.int32)
+    config = dataclasses.replace(triton_config(16), chunk=16, sub_block=16, scan_states=scan_states)
+
+    def block(q, k, v, log_alpha):  # an attention op between two matmuls, as in the model
+        out = _triton(q @ jnp.eye(16), k, v, log_alpha, seg, window=4, block_size=16, config=config)
+        return jnp.sin(out) @ jnp.eye(16)
+
+    def live_output_kernels(policy):
+        loss = lambda *args: jnp.sum(jax.checkpoint(block, policy=REMAT_POLICIES[policy])(*args) * ct)
+        return live_kernel_calls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_alpha).jaxpr,
+                                 "nha_output")
+
+    assert live_output_kernels("dots_with_no_batch_dims_saveable") == 2  # forward, and again in the backward
+    assert live_output_kernels("dots_and_attention") == 1
+    assert live_output_kernels("full") == 2

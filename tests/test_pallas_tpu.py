@@ -252,3 +252,21 @@ def test_bad_arguments_name_the_fix(change, message):
     with pytest.raises(ValueError, match=message):
         nha_attention_tpu(q, k, v, log_alpha, ids, ids, window=change.get("window", 2), scale=None,
                           rope_theta=None, interpret=True, chunk_size=change.get("chunk_size"))
+
+
+def test_remat_policy_dots_and_attention_keeps_the_forward_kernel_from_running_again():
+    from nha_jax.model import REMAT_POLICIES
+    from nha_testing import live_kernel_calls
+    q, k, v, log_alpha, ct = _inputs(0, 1, 40, 2, 1, 128, 128, 16, jnp.float32)
+
+    def block(q, k, v, log_alpha):  # an attention op between two matmuls, as in the model
+        out = nha_attention(q @ jnp.eye(128), k, v, log_alpha, window=4, impl="pallas_tpu", chunk_size=CHUNK)
+        return jnp.sin(out) @ jnp.eye(128)
+
+    def live_forward_kernels(policy):
+        loss = lambda *args: jnp.sum(jax.checkpoint(block, policy=REMAT_POLICIES[policy])(*args) * ct)
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_alpha).jaxpr
+        return live_kernel_calls(jaxpr, "nha_tpu_forward")
+
+    assert live_forward_kernels("dots_with_no_batch_dims_saveable") == 2  # forward, and again in the backward
+    assert live_forward_kernels("dots_and_attention") == 1
