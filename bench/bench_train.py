@@ -5,6 +5,8 @@ NHA-340M against Transformer++-340M, at several sequence lengths, in one run.
                                 [--tokens-per-step 16384] [--steps 10] [--jobs N] [--set model.remat=full ...]
                                 [--profile]
 
+--models nha_340m,nha_340m@model.remat=dots_and_attention times the same config with and without an override.
+
 Each (model, T) runs in its own subprocess so that its peak memory is its own. Batches are random tokens, one
 document per row (so full-window layers really attend over T) and no segment ids, so that the Transformer++ full
 layers take cuDNN flash attention (`impl="auto"` routes there only without segments); `--packed` passes segment ids
@@ -126,11 +128,12 @@ def run_all(runs, args):
 
     def launch(i):
         name, seq_len = runs[i]
-        command = [sys.executable, __file__, "--one", f"{name}:{seq_len}", "--tokens-per-step",
-                   str(args.tokens_per_step), "--steps", str(args.steps), "--turn-dir", turn_dir]
-        command += [f"--set={s}" for s in args.set] + (["--packed"] if args.packed else [])
+        config_name, *variant = name.split("@")
+        command = [sys.executable, __file__, "--one", f"{config_name}:{seq_len}", "--tokens-per-step",
+                   str(args.tokens_per_step), "--steps", str(args.steps), "--turn-dir", turn_dir, "--run-id", str(i)]
+        command += [f"--set={s}" for s in args.set + variant] + (["--packed"] if args.packed else [])
         command += ["--profile"] if args.profile else []
-        handle, log = tempfile.mkstemp(prefix=f"bench_train_{name}_{seq_len}_", suffix=".log")
+        handle, log = tempfile.mkstemp(prefix=f"bench_train_{config_name}_{seq_len}_", suffix=".log")
         # A file, not a pipe: XLA's log lines must never block the child. Processes sharing the GPU allocate on
         # demand instead of each taking 75% of its memory up front.
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false") if turn_dir else None
@@ -143,10 +146,9 @@ def run_all(runs, args):
     for i, (name, seq_len) in enumerate(runs):
         proc, log = procs.pop(i)
         if turn_dir:
-            run_id = f"{name}_{seq_len}"
-            while proc.poll() is None and not Path(turn_dir, f"ready.{run_id}").exists():
+            while proc.poll() is None and not Path(turn_dir, f"ready.{i}").exists():
                 time.sleep(0.2)
-            Path(turn_dir, f"go.{run_id}").touch()
+            Path(turn_dir, f"go.{i}").touch()
         proc.wait()
         if i + args.jobs < len(runs):
             launch(i + args.jobs)
@@ -156,7 +158,7 @@ def run_all(runs, args):
             print(f"{name} T={seq_len} failed (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
             yield {"model": name, "seq_len": seq_len, "failed": True}
             continue
-        row = json.loads(results[0])
+        row = dict(json.loads(results[0]), model=name)
         if args.profile:
             print("\n".join(line for line in output.splitlines() if line.startswith(("  ", "\n")) or
                             "device ms per call" in line), flush=True)
@@ -166,7 +168,8 @@ def run_all(runs, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="nha_340m,transformer_340m")
+    parser.add_argument("--models", default="nha_340m,transformer_340m",
+                        help="configs/<name>.py names; name@key=value[@key=value] adds overrides to that run only")
     parser.add_argument("--seq-lens", default="2048,8192")
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=10)
@@ -180,12 +183,13 @@ def main():
                              "timed steps still run one process at a time")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: "model:seq_len" in this process
     parser.add_argument("--turn-dir", default="", help=argparse.SUPPRESS)  # internal: see wait_for_turn
+    parser.add_argument("--run-id", default="", help=argparse.SUPPRESS)  # internal: see wait_for_turn
     args = parser.parse_args()
 
     if args.one:
         name, seq_len = args.one.split(":")
         row = measure(name, int(seq_len), args.tokens_per_step, args.steps, args.set, args.packed, args.turn_dir,
-                      args.one.replace(":", "_"), args.profile)
+                      args.run_id, args.profile)
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -194,16 +198,19 @@ def main():
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    print(f"\n{'model':<18}{'T':>6}{'batch':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}"
+    width = max([18] + [len(r["model"]) + 2 for r in rows])
+    print(f"\n{'model':<{width}}{'T':>6}{'batch':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}"
           f"{'vs TF++':>8}")
-    baseline = {r["seq_len"]: r["tokens_per_sec"] for r in rows if r["model"].startswith("transformer")
-                and not r.get("failed")}
+    baseline = {}  # the first Transformer++ row at each T
+    for r in rows:
+        if r["model"].startswith("transformer") and not r.get("failed"):
+            baseline.setdefault(r["seq_len"], r["tokens_per_sec"])
     for r in rows:
         if r.get("failed"):
-            print(f"{r['model']:<18}{r['seq_len']:>6}  failed")
+            print(f"{r['model']:<{width}}{r['seq_len']:>6}  failed")
             continue
         ratio = r["tokens_per_sec"] / baseline[r["seq_len"]] if r["seq_len"] in baseline else float("nan")
-        print(f"{r['model']:<18}{r['seq_len']:>6}{r['batch']:>6}{r['step_ms']:>9.1f}{r['tokens_per_sec']:>10.0f}"
+        print(f"{r['model']:<{width}}{r['seq_len']:>6}{r['batch']:>6}{r['step_ms']:>9.1f}{r['tokens_per_sec']:>10.0f}"
               f"{100 * r['mfu']:>6.1f}%{r['peak_mem_gib']:>9.1f}{r['compile_s']:>10.1f}{ratio:>8.2f}")
     if rows and not rows[0].get("failed"):
         print(f"device: {rows[0]['device']} x{rows[0]['devices']}")
