@@ -101,8 +101,8 @@ def check(key, state_paths=("sequential", "scan")):
             error, size = (float(jnp.linalg.norm(x.astype(jnp.float32))) for x in (a - b, b))
             return error / size if size else error
         for states in state_paths:  # the ways to the slot states (TritonConfig.scan_states)
-            config = dataclasses.replace(table_config(2, 4, HEAD_DIM, HEAD_DIM, SLOTS), scan_states=states == "scan",
-                                         sub_block=32, chunk=32)
+            config = dataclasses.replace(table_config(k.shape[0], k.shape[2], k.shape[3], v.shape[3], la.shape[3]),
+                                         scan_states=states == "scan", sub_block=32, chunk=32)
 
             def loss_pallas(q, k, v, la, config=config):
                 out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=HEAD_DIM ** -0.5,

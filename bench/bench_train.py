@@ -91,16 +91,17 @@ def measure(config_name: str, seq_len: int, tokens_per_step: int, steps: int, ov
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         if profile:
-            from bench.common import kernel_table, print_kernel_table
+            from bench.common import device_kernels, print_kernel_table, summarize_kernels
 
             def one_step(batch):
                 nonlocal state
                 state, metrics = compiled(state, batch)
                 return metrics
 
-            title = f"{config_name} T={seq_len}"
-            print_kernel_table(title + " by kind", kernel_table(one_step, (batches[0],), by_category=True))
-            print_kernel_table(title, kernel_table(one_step, (batches[0],), top=25))
+            title, calls = f"{config_name} T={seq_len}", 3
+            kernels = device_kernels(one_step, (batches[0],), calls)  # one trace for both tables
+            print_kernel_table(title + " by kind", summarize_kernels(kernels, calls, by_category=True))
+            print_kernel_table(title, summarize_kernels(kernels, calls, top=25))
     step_s = float(np.median(times))
     tokens_per_sec = shape[0] * seq_len / step_s
     windows = layer_windows(config.model, seq_len)

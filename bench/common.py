@@ -62,14 +62,9 @@ def kernel_category(name: str) -> str:
     return next(label for label, patterns in KERNEL_CATEGORIES if any(p in lowered for p in patterns))
 
 
-def kernel_table(fn, args, top=15, calls=3, by_category=False):
-    """Device time per kernel of `calls` calls of fn(*args) (after warm-up), from a JAX profiler trace.
-
-    Returns [(kernel name, total ms per call, launches per call)] sorted by time, the `top` largest, plus a final
-    ("(all kernels)", ms, launches) row. Names are XLA's fusion / custom-call names (Pallas kernels keep theirs).
-    by_category sums the kernels by kernel_category instead of by name.
-    """
-    import collections
+def device_kernels(fn, args, calls=3):
+    """[(kernel name, device ms)] of every kernel launched by `calls` calls of fn(*args) (after warm-up), from one
+    JAX profiler trace. Names are XLA's fusion / custom-call names (Pallas kernels keep theirs)."""
     import glob
     import gzip
     import json
@@ -90,14 +85,26 @@ def kernel_table(fn, args, top=15, calls=3, by_category=False):
     if not device_pids:
         names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})
         raise RuntimeError(f"no device in the trace (processes: {names}); kernel_table needs a GPU or TPU")
+    return [(e["name"], e["dur"] / 1e3) for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+
+
+def summarize_kernels(kernels, calls, top=15, by_category=False):
+    """device_kernels' list as [(name, total ms per call, launches per call)], the `top` largest, plus a final
+    ("(all kernels)", ms, launches) row; by_category sums the kernels by kernel_category instead of by name."""
+    import collections
+
     totals, counts = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids:
-            name = kernel_category(e["name"]) if by_category else e["name"]
-            totals[name] += e["dur"] / 1e3 / calls
-            counts[name] += 1 / calls
+    for name, ms in kernels:
+        name = kernel_category(name) if by_category else name
+        totals[name] += ms / calls
+        counts[name] += 1 / calls
     rows = [(name, ms, round(counts[name])) for name, ms in totals.most_common(top)]
     return rows + [("(all kernels)", sum(totals.values()), round(sum(counts.values())))]
+
+
+def kernel_table(fn, args, top=15, calls=3):
+    """Device time per kernel of `calls` calls of fn(*args): summarize_kernels of device_kernels."""
+    return summarize_kernels(device_kernels(fn, args, calls), calls, top)
 
 
 def print_kernel_table(title, rows):

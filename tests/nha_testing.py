@@ -65,21 +65,33 @@ def kernel_name(eqn):
     return str(eqn.params.get("name_and_src_info") or eqn.params.get("name")).split(" ")[0]
 
 
-def live_kernel_calls(jaxpr, name, counts=None):
+def nested_equations(jaxpr):
+    """Every equation of a jaxpr with those of the jaxprs nested in it (jit, cond, while, remat, custom_vjp, ...),
+    as (equation, the jaxpr holding it); a pallas_call's kernel body is not entered."""
+    for eqn in jaxpr.eqns:
+        yield eqn, jaxpr
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from nested_equations(inner)
+
+
+def live_kernel_calls(jaxpr, name):
     """How many pallas_calls called `name` in a jaxpr (nested ones included) have an output that is used.
 
     Pallas calls are never removed by JAX's dead-code pass (XLA removes them at compile time), so a call whose
     outputs nothing reads is not counted: it does not run.
     """
-    counts = [0] if counts is None else counts
-    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-    for eqn in jaxpr.eqns:
-        if (eqn.primitive.name == "pallas_call" and kernel_name(eqn) == name
-                and any(id(v) in used for v in eqn.outvars)):
-            counts[0] += 1
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (list, tuple)) else (param,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
-                    live_kernel_calls(inner, name, counts)
-    return counts[0]
+    used = {}  # per holding jaxpr: the ids of the variables its equations read or it returns
+
+    def is_used(var, holder):
+        if id(holder) not in used:
+            used[id(holder)] = ({id(v) for e in holder.eqns for v in e.invars} | {id(v) for v in holder.outvars})
+        return id(var) in used[id(holder)]
+
+    return sum(1 for eqn, holder in nested_equations(jaxpr)
+               if eqn.primitive.name == "pallas_call" and kernel_name(eqn) == name
+               and any(is_used(v, holder) for v in eqn.outvars))

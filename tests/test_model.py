@@ -10,6 +10,7 @@ from nha_jax import ops
 from nha_jax.layers import long_term_share
 from nha_jax.model import LanguageModel, layer_windows, schedule_period
 from nha_jax.training.step import token_losses
+from nha_testing import nested_equations
 
 SEQ = 48
 
@@ -108,16 +109,8 @@ def test_layer_scan_equals_unrolled_layers():
 
 def float32_matmuls(jaxpr) -> list[tuple[str, list[tuple[int, ...]]]]:
     """The dot_generals of a jaxpr, nested ones included, that take a float32 operand: (equation, operand shapes)."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and any(v.aval.dtype == jnp.float32 for v in eqn.invars):
-            found.append((str(eqn), [tuple(v.aval.shape) for v in eqn.invars]))
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (list, tuple)) else (param,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found += float32_matmuls(inner)
-    return found
+    return [(str(eqn), [tuple(v.aval.shape) for v in eqn.invars]) for eqn, _ in nested_equations(jaxpr)
+            if eqn.primitive.name == "dot_general" and any(v.aval.dtype == jnp.float32 for v in eqn.invars)]
 
 
 def test_bf16_model_gradient_has_no_float32_matmul():
