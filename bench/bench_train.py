@@ -200,7 +200,8 @@ def main():
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     width = max([18] + [len(r["model"]) + 2 for r in rows])
-    print(f"\n{'model':<{width}}{'T':>6}{'batch':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}"
+    print(f"\n{'model':<{width}}{'T':>6}{'batch':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
+          f"{'compile s':>10}"
           f"{'vs TF++':>8}")
     baseline = {}  # the first Transformer++ row at each T
     for r in rows:
