@@ -78,15 +78,20 @@ def nha_counts(batch, seq, window):
     return flops, bytes_moved
 
 
-def check(key, state_paths=("sequential", "scan")):
-    """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA, with the slot
-    states by the sequential kernels and by the XLA scan (chunk 32: the scan needs whole-chunk sub-blocks)."""
+# The check's cases: (dtype, T, W, gate scale). The last: strong decay (log alpha down to about -10) must not
+# overflow the gate exponents.
+CHECK_ROWS = ((jnp.float32, 300, 64, 1), (jnp.float32, 257, 200, 1), (jnp.bfloat16, 1024, 64, 1),
+              (jnp.float32, 300, 16, 80))
+
+
+def check(key, state_paths=("sequential", "scan"), row_indices=range(len(CHECK_ROWS))):
+    """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA (groups of 4:
+    the output kernels stack a group's rows), at the --dims head sizes with the tuning table's row, the slot states
+    by the sequential kernels and by the XLA scan (with one sub-block per chunk, which the scan needs)."""
     rows = []
     jax.config.update("jax_default_matmul_precision", "highest")  # the XLA reference in true float32
-    # The last row: strong decay (log alpha down to about -10) must not overflow the gate exponents.
-    for dtype, seq, window, gate_scale in ((jnp.float32, 300, 64, 1), (jnp.float32, 257, 200, 1),
-                                           (jnp.bfloat16, 1024, 64, 1), (jnp.float32, 300, 16, 80)):
-        q, k, v, la, ct = make_inputs(key, 2, seq, heads=8, kv_heads=4, dtype=dtype)
+    for dtype, seq, window, gate_scale in (CHECK_ROWS[i] for i in row_indices):
+        q, k, v, la, ct = make_inputs(key, 2, seq, 16, 4, HEAD_DIM, HEAD_DIM, SLOTS, dtype=dtype)
         la = la * gate_scale
         seg = jnp.concatenate([jnp.zeros((2, seq // 3), jnp.int32), jnp.ones((2, seq - seq // 3), jnp.int32)], 1)
         runs, pos = runs_and_positions(seg, jnp.zeros((2,), bool), jnp.zeros((2,), jnp.int32))
@@ -102,10 +107,12 @@ def check(key, state_paths=("sequential", "scan")):
             return error / size if size else error
         for states in state_paths:  # the ways to the slot states (TritonConfig.scan_states)
             config = dataclasses.replace(table_config(k.shape[0], k.shape[2], k.shape[3], v.shape[3], la.shape[3]),
-                                         scan_states=states == "scan", sub_block=32, chunk=32)
+                                         scan_states=states == "scan")
+            if states == "scan":
+                config = dataclasses.replace(config, sub_block=config.chunk)
 
             def loss_pallas(q, k, v, la, config=config):
-                out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=HEAD_DIM ** -0.5,
+                out = nha_attention_triton(q, k, v, la, runs, pos, window=window, scale=q.shape[-1] ** -0.5,
                                            rope_theta=10000.0, config=config)
                 return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
 
@@ -150,6 +157,15 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "f32_states": dict(input_dtype_states=False),
     "grouped_always": dict(grouped_state_backward_programs=0),
     "grouped_never": dict(grouped_state_backward_programs=1 << 30),
+    "stack1": dict(stacked_rows=1),
+    "stack2": dict(stacked_rows=32),
+    "stack4": dict(stacked_rows=64),
+    "stack8": dict(stacked_rows=128),
+    "stack4_warps8": dict(stacked_rows=64, output_warps=8, backward_warps=8),
+    "chunk32_sub32_stack2": dict(chunk=32, sub_block=32, stacked_rows=64),
+    "chunk32_sub32_stack4": dict(chunk=32, sub_block=32, stacked_rows=128, output_warps=8, backward_warps=8),
+    "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
+    "key_block16": dict(key_block=16),
 }
 
 
@@ -189,7 +205,7 @@ def breakdown(key, shape, reps, sweep):
             out, lse = kernels["output"](*args)
             times["output"] = median_ms(kernels["output"], args, reps)
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
-            delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)
+            delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
             _, _, _, _, _, _, a, p = kernels["output_bwd"](*args)
             times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
@@ -214,6 +230,8 @@ def main():
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--check-states", default="sequential,scan",
                         help="slot-state paths the check runs: sequential, scan or both")
+    parser.add_argument("--check-rows", default="0,1,2,3",
+                        help="which cases of CHECK_ROWS the check runs (each compiles its own gradient)")
     parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}, or none")
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
@@ -235,7 +253,7 @@ def main():
         jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, la))
         return
     if not args.skip_check:
-        check(key, args.check_states.split(","))
+        check(key, args.check_states.split(","), [int(i) for i in args.check_rows.split(",")])
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}

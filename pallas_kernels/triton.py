@@ -8,19 +8,20 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
   H^v_c [m, dv] that enter each chunk (in HBM, in the inputs' dtype: TritonConfig.input_dtype_states), and the
   final state.
-- `_output_kernel`, grid (B, H, T/C), fully parallel: walks its chunk in sub-blocks of R rows carrying the slot
-  state; per sub-block: slot logits (state + the pairs inside the sub-block), window logits over key blocks with an
-  online softmax, one float32 softmax over both, slot read, window read. The pair terms are small dots with the
-  decay factored through the sub-block's base gate (`_FactoredPairs`) unless the sub-block's gates are so strong
-  that a factor could overflow; then an elementwise [R, R, m] block whose gate exponents are all <= 0.
+- `_output_kernel`, grid (B, H / S, T/C), fully parallel: a program owns S query heads of one GQA group (the kv
+  head's keys, states and gates loaded once, the heads' rows stacked into [S * R, d] tiles: TritonConfig.stacked_rows)
+  and walks its chunk in sub-blocks of R rows carrying the slot state; per sub-block: slot logits (state + the
+  pairs inside the sub-block), window logits over key blocks with an online softmax, one float32 softmax over both,
+  slot read, window read. The pair terms are small dots with the decay factored through the sub-block's base gate
+  (`_FactoredPairs`) unless the sub-block's gates are so strong that a factor could overflow; then an elementwise
+  [R, R, m] block whose gate exponents are all <= 0.
 - The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
-  rest in three kernels: `_output_backward_kernel`, grid (B, H, T/C) like the output kernel, recomputes the joint
-  softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values,
-  write strengths and gates, and the per-row factors of the state gradient; `_state_backward_kernel`, grid
-  (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying dH^k/dH^v and gives the gradients through the
-  state hand-over; `_window_backward_kernel`, grid (B, H, key blocks), gives the window dk/dv without atomics.
-  Kernels work per query head (the state backward per kv head when the GQA group is a power of two); XLA sums
-  each GQA group.
+  rest in three kernels: `_output_backward_kernel`, grid (B, H / S, T/C) like the output kernel, recomputes the
+  joint softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted
+  keys/values, write strengths and gates (summed over its S heads), and the per-row factors of the state gradient;
+  `_state_backward_kernel`, grid (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying
+  dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H, key
+  blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
   give way to `_scanned_chunk_states` in XLA (per-chunk contributions as batched matmuls, an associative scan over
   chunks, differentiated by XLA) and `_core_given_states`, whose backward turns the output backward's per-row
@@ -79,61 +80,112 @@ def _dot(a, b, *, trans_a=False, trans_b=False, exact=True):
 _FACTORED_SPAN = 60.0
 
 
+def _per_row(x, heads):
+    """Per-token values [R, ...] -> the stacked rows [R * heads, ...] of a program's query heads.
+
+    An output kernel's program owns `heads` query heads of one GQA group and stacks their rows token-major (row
+    t * heads + g is token t of head g), so that its dots are [R * heads, d] tiles over the kv head's shared keys,
+    states and gates."""
+    if heads == 1:
+        return x
+    stacked = jnp.broadcast_to(x[:, None], (x.shape[0], heads) + x.shape[1:])
+    return stacked.reshape((x.shape[0] * heads,) + x.shape[1:])
+
+
+def _stacked(x):
+    """A block [R, heads, d] of query-head rows -> [R * heads, d] (the layout of `_per_row`)."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _sum_heads(x, heads):
+    """Stacked rows [R * heads, n] -> [R, n] summed over the heads (a kv head's share of its query heads)."""
+    if heads == 1:
+        return x
+    return jnp.sum(x.reshape(x.shape[0] // heads, heads, x.shape[1]), axis=1)
+
+
 class _FactoredPairs:
     """The pair weights PW[t, p, i] = visible[t, p] s_p[i] exp(G_t[i] - G_p[i]) of one sub-block as
     visible[t, p] * to_query[t, i] * from_key[p, i] * s_p[i], so that every sum against them is a small float32 dot.
 
-    gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run).
+    gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run);
+    heads: query heads stacked on the rows (`_per_row`): queries come as [R * heads, ...], keys as [R, ...].
     to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]. exact: IEEE float32 dots
     (float32 inputs), else tf32 (bf16 inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
     """
 
-    def __init__(self, gates, writes, base, visible, exact):
+    def __init__(self, gates, writes, base, visible, exact, heads):
         self.exact = exact
-        self.visible = visible.astype(jnp.float32)
-        self.to_query = jnp.exp(gates - base[None, :])
+        self.visible = _per_row(visible.astype(jnp.float32), heads)
+        self.to_query = _per_row(jnp.exp(gates - base[None, :]), heads)
         self.from_key = jnp.exp(base[None, :] - gates)
         self.key_weights = writes * self.from_key
 
     def over_keys(self, x):
-        """sum_p x[t, p] PW[t, p, :] -> [R, m]."""
+        """sum_p x[t, p] PW[t, p, :]: x [R * heads, R] -> [R * heads, m]."""
         return self.to_query * _dot(x * self.visible, self.key_weights, exact=self.exact)
 
     def over_slots(self, y):
-        """sum_i y[t, i] PW[t, :, i] -> [R, R]."""
+        """sum_i y[t, i] PW[t, :, i]: y [R * heads, m] -> [R * heads, R]."""
         return self.visible * _dot(y * self.to_query, self.key_weights, trans_b=True, exact=self.exact)
 
     def write_grad(self, x, y):
-        """sum_t x[t, p] y[t, i] exp(G_t[i] - G_p[i]) visible[t, p] -> [R, m] (the gradient of s_p)."""
+        """sum over t and heads of x[t, p] y[t, i] exp(G_t[i] - G_p[i]) visible[t, p] -> [R, m] (the gradient of
+        s_p): x [R * heads, R], y [R * heads, m]."""
         return self.from_key * _dot(x * self.visible, y * self.to_query, trans_a=True, exact=self.exact)
 
 
 class _ElementwisePairs:
-    """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0)."""
+    """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0). With stacked
+    heads, one head's rows at a time (the block is already at the register limit)."""
 
-    def __init__(self, gates, writes, base, visible, exact):
+    def __init__(self, gates, writes, base, visible, exact, heads):
         del base, exact
+        self.heads = heads
         self.decay = jnp.where(visible[:, :, None],
                                jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
         self.weights = self.decay * writes[None, :, :]
 
+    def _head(self, x, g):
+        """Rows of head g of stacked rows x [R * heads, n] -> [R, n]."""
+        if self.heads == 1:
+            return x
+        rows = x.reshape(x.shape[0] // self.heads, self.heads, x.shape[1])
+        return jnp.sum(jnp.where(jnp.arange(self.heads)[None, :, None] == g, rows, 0.0), axis=1)
+
+    def _per_head(self, fn, *xs):
+        """fn applied to each head's rows of xs, restacked to [R * heads, n]."""
+        if self.heads == 1:
+            return fn(*xs)
+        heads = jnp.arange(self.heads)[None, :, None]
+        out = None
+        for g in range(self.heads):
+            part = jnp.where(heads == g, fn(*(self._head(x, g) for x in xs))[:, None, :], 0.0)
+            out = part if out is None else out + part
+        return _stacked(out)
+
     def over_keys(self, x):
-        return jnp.sum(x[:, :, None] * self.weights, axis=1)
+        return self._per_head(lambda x: jnp.sum(x[:, :, None] * self.weights, axis=1), x)
 
     def over_slots(self, y):
-        return jnp.sum(y[:, None, :] * self.weights, axis=2)
+        return self._per_head(lambda y: jnp.sum(y[:, None, :] * self.weights, axis=2), y)
 
     def write_grad(self, x, y):
-        return jnp.sum(self.decay * x[:, :, None] * y[:, None, :], axis=0)
+        total = None
+        for g in range(self.heads):
+            xg, yg = self._head(x, g), self._head(y, g)
+            part = jnp.sum(self.decay * xg[:, :, None] * yg[:, None, :], axis=0)
+            total = part if total is None else total + part
+        return total
 
 
-def _pair_terms(factored, exact, gates, writes, base, visible, *terms):
+def _pair_terms(factored, exact, heads, gates, writes, base, visible, *terms):
     """[term(pairs) for term in terms], with _FactoredPairs where `factored` (a traced bool), else _ElementwisePairs.
 
     One lax.cond per term: the Triton compiler (jax 0.11.2 on H100) rejected a kernel whose cond had several
     results ("operand #0 does not dominate this use"); single-result conds compile.
     """
-    args = (gates, writes, base, visible, exact)
+    args = (gates, writes, base, visible, exact, heads)
     if factored is False:
         pairs = _ElementwisePairs(*args)
         return [term(pairs) for term in terms]
@@ -223,22 +275,26 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
                    kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
                    chunk, sub, key_block, window, num_slots, scale, factored_pairs):
-    """One (batch, query head, chunk of C queries): the NHA output of those queries.
+    """One (batch, block of query heads of one GQA group, chunk of C queries): the NHA output of those queries.
 
-    q/qr [C, dk] query (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv], gates [C, m], writes
-    [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the chunk; kr [Tp, dk],
-    v [Tp, dv] the whole (RoPE'd) keys and values of this kv head; seg [Tp] window run ids, run [Tp] slot run ids.
-    Outputs o [C, dv] and lse [C], the float32 log-sum-exp of each row's joint softmax (for the backward).
+    q/qr [C, S, dk] the S query heads' queries (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv],
+    gates [C, m], writes [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the
+    chunk; kr [Tp, dk], v [Tp, dv] the whole (RoPE'd) keys and values of the kv head; seg [Tp] window run ids,
+    run [Tp] slot run ids. Outputs o [C, S, dv] and lse [C, S], the float32 log-sum-exp of each row's joint softmax
+    (for the backward). The S heads' rows are stacked (`_per_row`): every dot has R * S rows.
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
     state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block go
     through `_pair_terms`: factored dots when the sub-block's gate span allows (`factored_pairs` turns that off),
     else the elementwise block with exp(G_t - G_p) <= 1.
     """
+    heads = q_ref.shape[1]
     c = pl.program_id(2)
     c0 = c * chunk
     rows = jnp.arange(sub)
+    row_token = jnp.arange(sub * heads) // heads  # stacked row -> token of the sub-block
     m_pad = gates_ref.shape[-1]
+    dv = o_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
     dtype = q_ref.dtype
@@ -250,31 +306,32 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
-        t_idx = t0 + rows
-        seg_q = seg_ref[pl.ds(t0, sub)]
-        acc = jnp.zeros((sub, o_ref.shape[-1]), jnp.float32)
+        acc = jnp.zeros((sub * heads, dv), jnp.float32)
 
         if num_slots > 0:
-            q = q_ref[blk, :]
+            q = _stacked(q_ref[blk, :, :])
             run_q = run_ref[pl.ds(t0, sub)]
             gates = gates_ref[blk, :]
             writes = writes_ref[blk, :]
             base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
-            inter_gate = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
-            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, gates, writes, base,
-                     causal & (run_q[:, None] == run_q[None, :]))
+            inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0),
+                                  heads)
+            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes,
+                     base, causal & (run_q[:, None] == run_q[None, :]))
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
             logits = _dot(q, state.keys()) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
             row_max = jnp.max(logits, axis=1)
             row_sum = jnp.sum(jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0), axis=1)
         else:
-            row_max = jnp.full((sub,), _MASK_VALUE, jnp.float32)
-            row_sum = jnp.zeros((sub,), jnp.float32)
+            row_max = jnp.full((sub * heads,), _MASK_VALUE, jnp.float32)
+            row_sum = jnp.zeros((sub * heads,), jnp.float32)
 
         if window > 0:
-            qr = qr_ref[blk, :]
+            qr = _stacked(qr_ref[blk, :, :])
+            t_idx = t0 + row_token
+            seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
             key_rows = jnp.arange(key_block)
 
             def window_step(kb, carry):
@@ -300,8 +357,8 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             pair_probs, = _pair_terms(*pairs, lambda pw: pw.over_slots(probs))  # [t, p]
             acc += _dot((probs * inter_gate).astype(dtype), state.values())
             acc += _dot(pair_probs.astype(dtype), vs)
-        o_ref[blk, :] = (acc / row_sum[:, None]).astype(o_ref.dtype)
-        lse_ref[blk] = row_max + jnp.log(row_sum)
+        o_ref[blk, :, :] = (acc / row_sum[:, None]).reshape(sub, heads, dv).astype(o_ref.dtype)
+        lse_ref[blk, :] = (row_max + jnp.log(row_sum)).reshape(sub, heads)
 
         if num_slots > 0 and r0 + sub < chunk:
             # Advance the state over this sub-block (as _state_kernel does over a chunk).
@@ -315,26 +372,30 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, a_ref, p_ref, *,
                             chunk, sub, key_block, window, num_slots, scale, factored_pairs):
-    """Backward of `_output_kernel` for one (batch, query head, chunk), everything but the slot-state recurrence.
+    """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
-    Inputs as `_output_kernel`, plus do [C, dv] the output gradient, lse [C] the forward's row log-sum-exp and
-    delta [C] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
-    sub-blocks (same state carry, same non-positive gate exponents). Outputs per query head (dq, dqr, a and p in
-    the inputs' dtype, the rest float32): dq [C, dk] (slot branch) and dqr [C, dk] (window branch); dks [C, dk],
-    dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state
-    entering it; and
-    a [C, m] = scale * dlogits * inter, p [C, m] = probs * inter, the per-row factors of the gradient of the
-    state entering each sub-block (dH^k = q^T a, dH^v = p^T do), which `_state_backward_kernel` carries back.
+    Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
+    and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
+    sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
+    (in the inputs' dtype): dq [C, S, dk] (slot branch), dqr [C, S, dk] (window branch), and a [C, S, m] =
+    scale * dlogits * inter, p [C, S, m] = probs * inter, the per-row factors of the gradient of the state
+    entering each sub-block (dH^k = q^T a, dH^v = p^T do), which `_state_backward_kernel` carries back. Summed over
+    the S heads (float32): dks [C, dk], dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each
+    sub-block and the decay of the state entering it.
     """
+    heads = q_ref.shape[1]
     c = pl.program_id(2)
     c0 = c * chunk
     rows = jnp.arange(sub)
+    row_token = jnp.arange(sub * heads) // heads
     m_pad = gates_ref.shape[-1]
+    dk, dv = q_ref.shape[-1], do_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
     last_row = (rows == sub - 1)[:, None]
     dtype = q_ref.dtype
     exact = dtype == jnp.float32
+    per_head = lambda x: x.reshape((sub, heads) + x.shape[1:])
 
     state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
     state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
@@ -342,16 +403,17 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
-        q, ks, vs, d_out = q_ref[blk, :], ks_ref[blk, :], vs_ref[blk, :], do_ref[blk, :]
+        q, d_out = _stacked(q_ref[blk, :, :]), _stacked(do_ref[blk, :, :])
+        ks, vs = ks_ref[blk, :], vs_ref[blk, :]
         gates, writes = gates_ref[blk, :], writes_ref[blk, :]
         run_q = run_ref[pl.ds(t0, sub)]
-        lse, delta = lse_ref[blk], delta_ref[blk]
+        lse, delta = _stacked(lse_ref[blk, :]), _stacked(delta_ref[blk, :])
         base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
 
         # Recompute the slot logits and probabilities exactly as the forward did.
-        inter = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
+        inter = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0), heads)
         # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
-        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, gates, writes, base,
+        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes, base,
                  causal & (run_q[:, None] == run_q[None, :]))
         q_hk = _dot(q, state.keys())  # [t, m]
         qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
@@ -368,15 +430,17 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         logit_pairs, read_pairs, d_writes = _pair_terms(
             *pairs, lambda pw: pw.over_slots(d_logits), lambda pw: pw.over_slots(probs),
             lambda pw: pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits))
-        dq_ref[blk, :] = (scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
-                                   + _dot(logit_pairs.astype(dtype), ks))).astype(dq_ref.dtype)
+        dq = scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
+                      + _dot(logit_pairs.astype(dtype), ks))
+        dq_ref[blk, :, :] = per_head(dq).astype(dq_ref.dtype)
         dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
         dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
-        a_ref[blk, :] = (scale * d_logits * inter).astype(a_ref.dtype)
-        p_ref[blk, :] = (probs * inter).astype(p_ref.dtype)
+        a_ref[blk, :, :] = per_head(scale * d_logits * inter).astype(a_ref.dtype)
+        p_ref[blk, :, :] = per_head(probs * inter).astype(p_ref.dtype)
         dwrites_ref[blk, :] = d_writes
         inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
-        dgates = probs * intra_read + d_logits * intra_logits - writes * d_writes + inter_gates
+        dgates = (_sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, heads)
+                  - writes * d_writes)
         if r0 > 0:
             # G_base is the previous sub-block's last row: its gradient lands there, then that block is final.
             previous_dgates -= jnp.where(last_row, jnp.sum(inter_gates, axis=0)[None, :], 0.0)
@@ -384,9 +448,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         previous_dgates = dgates
 
         if window > 0:
-            qr = qr_ref[blk, :]
-            t_idx = t0 + rows
-            seg_q = seg_ref[pl.ds(t0, sub)]
+            qr = _stacked(qr_ref[blk, :, :])
+            t_idx = t0 + row_token
+            seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
             key_rows = jnp.arange(key_block)
 
             def window_step(kb, dqr):
@@ -402,10 +466,10 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
 
             first = jnp.maximum(t0 - window + 1, 0) // key_block
             last = (t0 + sub - 1) // key_block
-            dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub, qr.shape[-1]), jnp.float32))
-            dqr_ref[blk, :] = (scale * dqr).astype(dqr_ref.dtype)
+            dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub * heads, dk), jnp.float32))
+            dqr_ref[blk, :, :] = per_head(scale * dqr).astype(dqr_ref.dtype)
         else:
-            dqr_ref[blk, :] = jnp.zeros((sub, dqr_ref.shape[-1]), dqr_ref.dtype)
+            dqr_ref[blk, :, :] = jnp.zeros((sub, heads, dk), dqr_ref.dtype)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
@@ -487,17 +551,20 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
 
 def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dkr_ref, dv_ref, *,
                             key_block, query_block, window, scale):
-    """Window dk and dv for one (batch, query head, block of keys), parallel over key blocks (no atomics).
+    """Window dk and dv for one (batch, block of S query heads of one GQA group, block of keys), parallel over key
+    blocks (no atomics).
 
-    qr [Tp, dk], do [Tp, dv], lse, delta [Tp] this head's rotated queries, output gradient and row statistics;
-    seg [Tp] window run ids; kr [K, dk], v [K, dv] this block's keys and values. Walks the query blocks that can
-    see the keys (t in [j, j + W)). Outputs dkr [K, dk], dv [K, dv] float32 for this query head.
+    qr [Tp, S, dk], do [Tp, S, dv], lse, delta [Tp, S] these heads' rotated queries, output gradients and row
+    statistics; seg [Tp] window run ids; kr [K, dk], v [K, dv] this block's keys and values. Walks the query blocks
+    that can see the keys (t in [j, j + W)), the S heads' queries stacked as in the output kernels. Outputs dkr
+    [K, dk], dv [K, dv] float32, summed over the S heads.
     """
+    heads = qr_ref.shape[1]
     kb = pl.program_id(2)
     j0 = kb * key_block
     t_pad = qr_ref.shape[0]
     j_idx = j0 + jnp.arange(key_block)
-    query_rows = jnp.arange(query_block)
+    column_token = jnp.arange(query_block * heads) // heads
     seg_k = seg_ref[pl.ds(j0, key_block)]
     keys, values = kr_ref[...], v_ref[...]
     dtype = keys.dtype
@@ -505,13 +572,13 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
     def query_step(qb, carry):
         dk, dv = carry
         rows = pl.ds(qb * query_block, query_block)
-        t_idx = qb * query_block + query_rows
+        t_idx = qb * query_block + column_token
         visible = ((t_idx[None, :] >= j_idx[:, None]) & (t_idx[None, :] < j_idx[:, None] + window)
-                   & (seg_ref[rows][None, :] == seg_k[:, None]))  # [key, query]
-        qr, d_out = qr_ref[rows, :], do_ref[rows, :]
+                   & (_per_row(seg_ref[rows], heads)[None, :] == seg_k[:, None]))  # [key, stacked query]
+        qr, d_out = _stacked(qr_ref[rows, :, :]), _stacked(do_ref[rows, :, :])
         s = jnp.where(visible, _dot(keys, qr, trans_b=True) * scale, _MASK_VALUE)
-        p = jnp.where(visible, jnp.exp(s - lse_ref[rows][None, :]), 0.0)
-        ds = p * (_dot(values, d_out, trans_b=True) - delta_ref[rows][None, :])
+        p = jnp.where(visible, jnp.exp(s - _stacked(lse_ref[rows, :])[None, :]), 0.0)
+        ds = p * (_dot(values, d_out, trans_b=True) - _stacked(delta_ref[rows, :])[None, :])
         return dk + _dot(ds.astype(dtype), qr), dv + _dot(p.astype(dtype), d_out)
 
     first = j0 // query_block
@@ -567,48 +634,68 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     )(ks, vs, gates, writes, run, hk0, hv0)
 
 
-class _ChunkSpecs:
-    """BlockSpecs of the (B, H, T/C) grid shared by the output kernel and its backward: per query head and chunk,
-    per kv head (GQA group of the query head) and chunk, a kv head's whole sequence, a chunk's slot state, and a
-    row's per-token run ids."""
+def _stacked_heads(group: int, sub: int, config) -> int:
+    """Query heads per program of the output kernels: the largest power of two dividing the GQA group whose rows,
+    stacked, fit config.stacked_rows (at least 1)."""
+    heads = 1
+    while group % (2 * heads) == 0 and 2 * heads * sub <= config.stacked_rows:
+        heads *= 2
+    return heads
 
-    def __init__(self, t_pad: int, chunk: int, group: int):
-        self.t_pad, self.chunk, self.group = t_pad, chunk, group
+
+class _ChunkSpecs:
+    """BlockSpecs of the (B, H / S, T/C) grid shared by the output kernel and its backward, whose programs own S
+    query heads of one GQA group: per block of query heads and chunk (values [.., S, width] or row statistics
+    [.., S]), per program and chunk, per kv head and chunk, a kv head's whole sequence, a chunk's slot state, and
+    a row's per-token run ids."""
+
+    def __init__(self, t_pad: int, chunk: int, group: int, heads: int):
+        self.t_pad, self.chunk, self.heads = t_pad, chunk, heads
+        self.kv_head = lambda h: h * heads // group
         self.runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
+        self.row_stats = pl.BlockSpec((None, chunk, heads), lambda b, h, c: (b, c, h))
 
     def query_chunk(self, width):
+        return pl.BlockSpec((None, self.chunk, self.heads, width), lambda b, h, c: (b, c, h, 0))
+
+    def program_chunk(self, width):
         return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, h, 0))
 
     def kv_chunk(self, width):
-        return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, h // self.group, 0))
+        return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, self.kv_head(h), 0))
 
     def kv_all(self, width):
-        return pl.BlockSpec((None, self.t_pad, None, width), lambda b, h, c: (b, 0, h // self.group, 0))
+        return pl.BlockSpec((None, self.t_pad, None, width), lambda b, h, c: (b, 0, self.kv_head(h), 0))
 
     def chunk_state(self, *shape):
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, h // self.group, c, 0, 0))
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, self.kv_head(h), c, 0, 0))
+
+
+def _output_grid(q, ks, chunk, config):
+    """(sub-block rows, query heads per program, _ChunkSpecs, grid) of the output kernels."""
+    batch, t_pad, heads, _ = q.shape
+    sub = min(config.sub_block, chunk)
+    per_program = _stacked_heads(heads // ks.shape[2], sub, config)
+    specs = _ChunkSpecs(t_pad, chunk, heads // ks.shape[2], per_program)
+    return sub, per_program, specs, (batch, heads // per_program, t_pad // chunk)
 
 
 def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
              window, num_slots, scale, chunk, config, interpret):
-    """Launches _output_kernel over (B, H, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, H, Tp] float32."""
+    """Launches _output_kernel over (B, H / S, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, Tp, H] float32."""
     batch, t_pad, heads, dk = q.shape
-    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
-    group = heads // kv_heads
-
-    specs = _ChunkSpecs(t_pad, chunk, group)
-    query_chunk, kv_chunk, kv_all, chunk_state, runs = (specs.query_chunk, specs.kv_chunk, specs.kv_all,
-                                                        specs.chunk_state, specs.runs)
+    dv, m = vs.shape[3], gates.shape[3]
+    sub, _, specs, grid = _output_grid(q, ks, chunk, config)
     return pl.pallas_call(
-        functools.partial(_output_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
-                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale,
-                          factored_pairs=config.factored_pairs),
-        grid=(batch, heads, t_pad // chunk),
-        in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
-                  chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs],
-        out_specs=[query_chunk(dv), pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))],
+        functools.partial(_output_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
+                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs),
+        grid=grid,
+        in_specs=[specs.query_chunk(dk), specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
+                  specs.kv_chunk(m), specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
+                  specs.kv_all(dk), specs.kv_all(dv), specs.runs, specs.runs],
+        out_specs=[specs.query_chunk(dv), specs.row_stats],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, t_pad), jnp.float32)],
+                   jax.ShapeDtypeStruct((batch, t_pad, heads), jnp.float32)],
         compiler_params=_compiler_params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="nha_output",
@@ -617,32 +704,31 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
 
 def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, *,
                      window, num_slots, scale, chunk, config, interpret):
-    """Launches _output_backward_kernel over (B, H, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta [B, H, Tp].
+    """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
+    [B, Tp, H].
 
     Returns per query head, in q.dtype (the custom_vjp rounds dq and dqr to it anyway; a and p are the state
-    backward's dot operands): dq, dqr [B, Tp, H, dk], a, p [B, Tp, H, m]; float32 (summed further): dks
-    [B, Tp, H, dk], dvs [B, Tp, H, dv], dwrites, dgates [B, Tp, H, m] (see the kernel).
+    backward's dot operands): dq, dqr [B, Tp, H, dk], a, p [B, Tp, H, m]; per program, float32 (summed over its S
+    query heads; the launcher sums the rest of each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv],
+    dwrites, dgates [B, Tp, H / S, m] (see the kernel).
     """
     batch, t_pad, heads, dk = q.shape
-    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
-    group = heads // kv_heads
-
-    specs = _ChunkSpecs(t_pad, chunk, group)
-    query_chunk, kv_chunk, kv_all, chunk_state, runs = (specs.query_chunk, specs.kv_chunk, specs.kv_all,
-                                                        specs.chunk_state, specs.runs)
-    row_stats = pl.BlockSpec((None, None, chunk), lambda b, h, c: (b, h, c))
-    per_head = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((batch, t_pad, heads, width), dtype)
+    dv, m = vs.shape[3], gates.shape[3]
+    sub, per_program, specs, grid = _output_grid(q, ks, chunk, config)
+    query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
+    per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
+    per_program_out = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, width), jnp.float32)
     return pl.pallas_call(
-        functools.partial(_output_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
-                          key_block=min(config.key_block, chunk), window=window, num_slots=num_slots, scale=scale,
-                          factored_pairs=config.factored_pairs),
-        grid=(batch, heads, t_pad // chunk),
-        in_specs=[query_chunk(dk), query_chunk(dk), kv_chunk(dk), kv_chunk(dv), kv_chunk(m), kv_chunk(m),
-                  chunk_state(dk, m), chunk_state(m, dv), kv_all(dk), kv_all(dv), runs, runs, query_chunk(dv),
-                  row_stats, row_stats],
-        out_specs=[query_chunk(dk), query_chunk(dk), query_chunk(dk), query_chunk(dv)] + [query_chunk(m)] * 4,
-        out_shape=[per_head(dk, q.dtype), per_head(dk, q.dtype), per_head(dk), per_head(dv), per_head(m),
-                   per_head(m), per_head(m, q.dtype), per_head(m, q.dtype)],
+        functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
+                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs),
+        grid=grid,
+        in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
+                  specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
+                  specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
+        out_specs=[query_chunk(dk), query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m),
+                   program_chunk(m), query_chunk(m), query_chunk(m)],
+        out_shape=[per_head(dk), per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m),
+                   per_program_out(m), per_head(m), per_head(m)],
         compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
         interpret=interpret,
         name="nha_output_backward",
@@ -730,31 +816,32 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
 
 
 def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
-    """Launches _window_backward_kernel over (B, H, Tp / key block): dkr [B, Tp, H, dk], dv [B, Tp, H, dv]
-    float32 per query head (the launcher sums each GQA group)."""
+    """Launches _window_backward_kernel over (B, H / S, Tp / key block), S query heads of one GQA group per program
+    (as the output kernels stack them): dkr [B, Tp, H / S, dk], dv [B, Tp, H / S, dv] float32 (the launcher sums
+    the rest of each GQA group)."""
     batch, t_pad, heads, dk = qr.shape
     kv_heads, dv = kr.shape[2], v.shape[3]
     group = heads // kv_heads
     block = min(config.key_block, chunk)
+    per_program = _stacked_heads(group, block, config)
 
-    def head_all(width):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, h, kb: (b, 0, h, 0))
+    def heads_all(*widths):
+        return pl.BlockSpec((None, t_pad, per_program, *widths), lambda b, h, kb: (b, 0, h) + (0,) * len(widths))
 
     def kv_block(width):
-        return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h // group, 0))
+        return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h * per_program // group, 0))
 
     def out_block(width):
         return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h, 0))
 
-    row_stats = pl.BlockSpec((None, None, t_pad), lambda b, h, kb: (b, h, 0))
     return pl.pallas_call(
         functools.partial(_window_backward_kernel, key_block=block, query_block=block, window=window, scale=scale),
-        grid=(batch, heads, t_pad // block),
-        in_specs=[head_all(dk), head_all(dv), row_stats, row_stats,
+        grid=(batch, heads // per_program, t_pad // block),
+        in_specs=[heads_all(dk), heads_all(dv), heads_all(), heads_all(),
                   pl.BlockSpec((None, t_pad), lambda b, h, kb: (b, 0)), kv_block(dk), kv_block(dv)],
         out_specs=[out_block(dk), out_block(dv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dk), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, t_pad, heads, dv), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dk), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dv), jnp.float32)],
         compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
         interpret=interpret,
         name="nha_window_backward",
@@ -763,7 +850,7 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
 
 def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
              window, num_slots, scale, chunk, interpret, config):
-    """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, H, Tp], hk [B, Hkv, nC, dk, m],
+    """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, Tp, H], hk [B, Hkv, nC, dk, m],
     hv [B, Hkv, nC, m, dv] the states entering each chunk, hk_final, hv_final).
 
     config: the tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates).
@@ -822,11 +909,11 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
                        window, num_slots, scale, chunk, config, interpret):
     """The backward kernels both custom_vjps share: the output backward and the window backward.
 
-    Returns d_out in q.dtype, the per-query-head outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites,
-    dgates, a, p) as a tuple, and dkr [B, Tp, H, dk], dv [B, Tp, H, dv] float32 (zeros when W = 0).
+    Returns d_out in q.dtype, the outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites, dgates, a, p) as a
+    tuple, and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum`
+    finishes them; zeros when W = 0).
     """
-    batch, t_pad, heads, _ = q.shape
-    delta = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
     output_grads = _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta,
                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk, config=config,
@@ -835,14 +922,17 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)
     else:
-        dkr, dv = jnp.zeros(qr.shape, jnp.float32), jnp.zeros((batch, t_pad, heads, v.shape[3]), jnp.float32)
+        dkr, dv = jnp.zeros(kr.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     return d_out, output_grads, dkr, dv
 
 
 def _group_sum(x, kv_heads):
-    """Per query head [B, Tp, H, d] -> per kv head [B, Tp, Hkv, d] (GQA groups are consecutive heads)."""
-    batch, t_pad, heads, width = x.shape
-    return x.reshape(batch, t_pad, kv_heads, heads // kv_heads, width).sum(axis=3)
+    """Per query head (or per block of a group's query heads) [B, Tp, N, d] -> per kv head [B, Tp, Hkv, d]
+    (GQA groups are consecutive heads; N a multiple of Hkv)."""
+    batch, t_pad, owners, width = x.shape
+    if owners == kv_heads:
+        return x
+    return x.reshape(batch, t_pad, kv_heads, owners // kv_heads, width).sum(axis=3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))

@@ -16,6 +16,11 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   T = 8192 (32 programs): hence grouped_state_backward_programs = 128.
 - Earlier, with elementwise pairs (2026-11-26): 8 warps beat 4 at dk = 128, stages hardly mattered, and splitting the
   state kernel 4 ways helped at B * Hkv = 16 (1.53 vs 2.34 ms) but not at 128 (0.65 vs 0.43 ms).
+- Session 8 (2026-11-27, NHA-340M's layer): the output kernels with a GQA group's 4 query heads stacked per
+  program (stacked_rows = 64 at 16-row sub-blocks) against one head per program: output 0.45 vs 0.85 ms, output
+  backward 0.99 vs 1.29 ms; 2 heads 0.62 / 1.09; 4 heads with 8 warps 0.65 / 1.62. Chunk 32 with 32-row
+  sub-blocks and 2 heads per program tied the table (kernels 2.94 vs 2.98 ms). Stacking at dk = 128 is not measured
+  (the S1-S3 benchmark shapes have no GQA), so that row keeps one head per program.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -47,6 +52,9 @@ class TritonConfig:
       associative scan over chunks; XLA differentiates it) instead of the sequential slot-state kernel and its
       reverse in the backward, whose chunk-after-chunk loop leaves the GPU idle when batch x kv heads is small.
       Taken only with one sub-block per chunk (sub_block >= chunk).
+    stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
+      dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
+      for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -66,6 +74,7 @@ class TritonConfig:
     factored_pairs: bool = True
     grouped_state_backward_programs: int = 128
     scan_states: bool = False
+    stacked_rows: int = 16
     input_dtype_states: bool = True
 
 
@@ -73,7 +82,7 @@ class TritonConfig:
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
     (64, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=4, output_stages=2,
                       state_warps=4, state_stages=2, state_splits=1,
-                      backward_warps=4, backward_stages=2)),
+                      backward_warps=4, backward_stages=2, stacked_rows=64)),
     (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=8, output_stages=2,
                        state_warps=8, state_stages=2, state_splits=1,
                        backward_warps=8, backward_stages=2)),

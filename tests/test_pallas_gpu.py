@@ -16,7 +16,7 @@ from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import live_kernel_calls, max_rel_err
-from pallas_kernels.triton import _FACTORED_SPAN, _prepare, nha_attention_triton
+from pallas_kernels.triton import _FACTORED_SPAN, _prepare, _stacked_heads, nha_attention_triton
 from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
@@ -88,10 +88,13 @@ def test_forward_and_gradients_match_naive(case, states):
     paths of the kernels (factored matmuls and the elementwise fallback for strong gates), with the slot states
     from the sequential kernels or from the XLA scan (one sub-block per chunk). The sequential state backward
     takes a whole GQA group per program wherever the group is a power of two (on the GPU only when there are
-    enough programs): the group-of-3 case covers one program per query head."""
+    enough programs), and so do the output and window kernels (their rows stacked): the group-of-3 case covers one
+    program per query head."""
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
-                                 scan_states=states == "scan")
+                                 scan_states=states == "scan", stacked_rows=64)
+    group = heads // kv_heads
+    assert _stacked_heads(group, 16, config) == (group if group & (group - 1) == 0 else 1)
     if states == "scan":
         config = dataclasses.replace(config, sub_block=block_size)
     q, k, v, log_alpha, cotangent = _inputs(2, batch, seq, heads, kv_heads, dk, dv, m)
