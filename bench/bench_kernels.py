@@ -6,7 +6,9 @@ Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
-pallas_scan / pallas_sequential force the slot states' XLA scan or sequential kernels (TritonConfig.scan_states).
+pallas_scan / pallas_sequential force the slot states' XLA scan or sequential kernels (TritonConfig.scan_states);
+pallas:<variant> times the whole op with a --sweep variant's changes (e.g. pallas:chunk32_sub32_stack2), which is how
+variants of the XLA-scan path are compared (the breakdown times the sequential kernels only).
 --profile also prints each impl's forward+backward device time per kernel (XLA fusions included) per shape.
 --once runs one Pallas forward+backward at the first shape and exits: a target for Nsight Compute, e.g.
   ncu --clock-control none --kernel-name regex:nha --section Occupancy python3 -m bench.bench_kernels --once
@@ -257,6 +259,12 @@ def main():
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
+    unknown = [name for name in args.impls.split(",")
+               if name not in impls and not (name.startswith("pallas:") and name[len("pallas:"):] in SWEEP)]
+    if unknown:
+        parser.error(f"unknown --impls {unknown}: use {list(impls)} or pallas:<one of {list(SWEEP)}>")
+    impls.update({name: pallas_fn(WINDOW, **SWEEP[name.split(":", 1)[1]])
+                  for name in args.impls.split(",") if name.startswith("pallas:")})
     impls = {name: impls[name] for name in args.impls.split(",")}
     for shape in args.shapes.split(",") if args.sweep != "none" else ():
         breakdown(key, shape, args.reps, args.sweep.split(","))

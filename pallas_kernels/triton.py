@@ -20,7 +20,7 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   joint softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted
   keys/values, write strengths and gates (summed over its S heads), and the per-row factors of the state gradient;
   `_state_backward_kernel`, grid (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying
-  dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H, key
+  dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H / S, key
   blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
   give way to `_scanned_chunk_states` in XLA (per-chunk contributions as batched matmuls, an associative scan over
@@ -153,14 +153,14 @@ class _ElementwisePairs:
         rows = x.reshape(x.shape[0] // self.heads, self.heads, x.shape[1])
         return jnp.sum(jnp.where(jnp.arange(self.heads)[None, :, None] == g, rows, 0.0), axis=1)
 
-    def _per_head(self, fn, *xs):
-        """fn applied to each head's rows of xs, restacked to [R * heads, n]."""
+    def _per_head(self, fn, x):
+        """fn applied to each head's rows of x, restacked to [R * heads, n]."""
         if self.heads == 1:
-            return fn(*xs)
+            return fn(x)
         heads = jnp.arange(self.heads)[None, :, None]
         out = None
         for g in range(self.heads):
-            part = jnp.where(heads == g, fn(*(self._head(x, g) for x in xs))[:, None, :], 0.0)
+            part = jnp.where(heads == g, fn(self._head(x, g))[:, None, :], 0.0)
             out = part if out is None else out + part
         return _stacked(out)
 
