@@ -594,7 +594,7 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
 
 
 def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpret):
-    """Launches _state_kernel: (hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv], hk_final, hv_final).
+    """Launches _state_kernel: (hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv], hk_final, hv_final).
 
     The chunk states hk, hv are stored in the inputs' dtype when config.input_dtype_states (the output kernels
     round them to it before every dot anyway; this halves their bytes for bf16), else float32; the final states
@@ -622,10 +622,11 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
         in_specs=[per_token(dk_part, True), per_token(dv_part, True), per_token(m, False), per_token(m, False),
                   pl.BlockSpec((None, t_pad), lambda b, g, i: (b, 0)),
                   per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
-        out_specs=[per_head(num_chunks, dk_part, m, split_axis=1), per_head(num_chunks, m, dv_part, split_axis=2),
+        out_specs=[pl.BlockSpec((None, num_chunks, None, dk_part, m), lambda b, g, i: (b, 0, g, i, 0)),
+                   pl.BlockSpec((None, num_chunks, None, m, dv_part), lambda b, g, i: (b, 0, g, 0, i)),
                    per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, dk, m), state_dtype),
-                   jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, m, dv), state_dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, dk, m), state_dtype),
+                   jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, m, dv), state_dtype),
                    jax.ShapeDtypeStruct((batch, kv_heads, dk, m), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, m, dv), jnp.float32)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
@@ -668,7 +669,7 @@ class _ChunkSpecs:
         return pl.BlockSpec((None, self.t_pad, None, width), lambda b, h, c: (b, 0, self.kv_head(h), 0))
 
     def chunk_state(self, *shape):
-        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, self.kv_head(h), c, 0, 0))
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, self.kv_head(h), 0, 0))
 
 
 def _output_grid(q, ks, chunk, config):
@@ -753,7 +754,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
 
     An owner is a kv head when `_heads_per_state_program` takes the whole GQA group, else a query head.
     q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
-    the forward's states entering each chunk [B, Hkv, nC, ...]; dhk_last [B, owners, dk, m], dhv_last
+    the forward's states entering each chunk [B, nC, Hkv, ...]; dhk_last [B, owners, dk, m], dhv_last
     [B, owners, m, dv] the final-state gradient given to each owner. Returns float32 per owner: dks
     [B, Tp, owners, dk], dvs [B, Tp, owners, dv], dwrites and dgates [splits, B, Tp, owners, m] (sum over axis 0),
     dhk0 [B, owners, dk, m], dhv0 [B, owners, m, dv].
@@ -779,10 +780,10 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
     def kv_tokens(width, split):
         return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, kv_head(o), i if split else 0))
 
-    def kv_chunk_states(*shape, split_axis):
+    def kv_chunk_states(*shape, split_axis):  # [B, nC, Hkv, *shape], all chunks, shape's split_axis sliced
         def index(b, o, i):
-            return (b, kv_head(o)) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
-        return pl.BlockSpec((None, None, *shape), index)
+            return (b, 0, kv_head(o)) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+        return pl.BlockSpec((None, num_chunks, None, *shape), index)
 
     def owner_state(*shape, split_axis):
         def index(b, o, i):
@@ -798,8 +799,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
         in_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), head_tokens(m, False),
                   head_tokens(m, False), kv_tokens(dk_part, True), kv_tokens(dv_part, True), kv_tokens(m, False),
                   kv_tokens(m, False), pl.BlockSpec((None, t_pad), lambda b, o, i: (b, 0)),
-                  kv_chunk_states(num_chunks, dk_part, m, split_axis=1),
-                  kv_chunk_states(num_chunks, m, dv_part, split_axis=2),
+                  kv_chunk_states(dk_part, m, split_axis=0), kv_chunk_states(m, dv_part, split_axis=1),
                   owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
         out_specs=[owner_tokens(dk_part, True), owner_tokens(dv_part, True), partial, partial,
                    owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
@@ -850,8 +850,8 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
 
 def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
              window, num_slots, scale, chunk, interpret, config):
-    """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, Tp, H], hk [B, Hkv, nC, dk, m],
-    hv [B, Hkv, nC, m, dv] the states entering each chunk, hk_final, hv_final).
+    """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, Tp, H], hk [B, nC, Hkv, dk, m],
+    hv [B, nC, Hkv, m, dv] the states entering each chunk, hk_final, hv_final).
 
     config: the tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates).
     """
@@ -872,7 +872,7 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     the chunks), then an associative scan over chunks of H_next = decay * H + local (elementwise: no sequential
     dots). The same values as `_slot_states`, differentiated by XLA.
 
-    Shapes as `_slot_states`. Returns hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv] in state_dtype and the final
+    Shapes as `_slot_states`. Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final
     states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
     """
     batch, t_pad, kv_heads, dk = ks.shape
@@ -900,8 +900,7 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     # States after chunks 0 .. nC-1 (the last one is the final state): A_c H_0 + B_c.
     after_k = decay_to[..., None, :] * hk0[:, None] + from_k
     after_v = decay_to[..., :, None] * hv0[:, None] + from_v
-    entering = lambda first, after: jnp.swapaxes(
-        jnp.concatenate([first[:, None], after[:, :-1]], axis=1), 1, 2).astype(state_dtype)
+    entering = lambda first, after: jnp.concatenate([first[:, None], after[:, :-1]], axis=1).astype(state_dtype)
     return entering(hk0, after_k), entering(hv0, after_v), after_k[:, -1], after_v[:, -1]
 
 
@@ -1010,7 +1009,7 @@ def _core_given_states(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, wi
     """The core problem with the states entering each chunk given (by `_scanned_chunk_states`): the output kernel,
     and as its gradient the output and window backward kernels plus the gradient of each chunk's entering state.
 
-    Inputs as `_core` but hk [B, Hkv, nC, dk, m], hv [B, Hkv, nC, m, dv] (any float dtype) for hk0, hv0. Needs one
+    Inputs as `_core` but hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] (any float dtype) for hk0, hv0. Needs one
     sub-block per chunk (the output backward's per-row state factors then refer to the chunk's entering state).
     Returns o [B, Tp, H, dv] in q.dtype.
     """
@@ -1037,8 +1036,8 @@ def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, r
     # The gradient of the state entering a chunk: its rows' q^T a and p^T do, summed over each GQA group.
     per_chunk = lambda x: x.reshape(batch, t_pad // chunk, chunk, kv_heads, heads // kv_heads, x.shape[-1])
     einsum = functools.partial(jnp.einsum, precision=_xla_precision(q.dtype), preferred_element_type=jnp.float32)
-    dhk = einsum("bctgjd,bctgjm->bgcdm", per_chunk(q), per_chunk(a))
-    dhv = einsum("bctgjm,bctgjd->bgcmd", per_chunk(p), per_chunk(d_out))
+    dhk = einsum("bctgjd,bctgjm->bcgdm", per_chunk(q), per_chunk(a))
+    dhv = einsum("bctgjm,bctgjd->bcgmd", per_chunk(p), per_chunk(d_out))
     group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
