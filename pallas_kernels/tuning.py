@@ -55,6 +55,8 @@ class TritonConfig:
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
+    shared_pair_exps: compute a sub-block's factored-pair exponentials (two [sub, m] exps) once, outside the lax.conds
+      of its pair terms (two in the output kernel, five in its backward), instead of inside each.
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -75,6 +77,7 @@ class TritonConfig:
     grouped_state_backward_programs: int = 128
     scan_states: bool = False
     stacked_rows: int = 16
+    shared_pair_exps: bool = False
     input_dtype_states: bool = True
 
 
