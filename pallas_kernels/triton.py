@@ -401,7 +401,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     rows = jnp.arange(sub)
     row_token = jnp.arange(sub * heads) // heads
     m_pad = gates_ref.shape[-1]
-    dk, dv = q_ref.shape[-1], do_ref.shape[-1]
+    dk = q_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
     last_row = (rows == sub - 1)[:, None]
@@ -890,8 +890,7 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     Shapes as `_slot_states`. Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final
     states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
     """
-    batch, t_pad, kv_heads, dk = ks.shape
-    dv, m = vs.shape[3], gates.shape[3]
+    batch, t_pad = ks.shape[:2]
     num_chunks = t_pad // chunk
     per_chunk = lambda x: x.reshape((batch, num_chunks, chunk) + x.shape[2:])
     gates_c, runs = per_chunk(gates), per_chunk(run)  # [B, nC, C, Hkv, m], [B, nC, C]
