@@ -260,12 +260,12 @@ def main():
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
-    unknown = [name for name in args.impls.split(",")
-               if name not in impls and not (name.startswith("pallas:") and name[len("pallas:"):] in SWEEP)]
-    if unknown:
-        parser.error(f"unknown --impls {unknown}: use {list(impls)} or pallas:<one of {list(SWEEP)}>")
-    impls.update({name: pallas_fn(WINDOW, **SWEEP[name.split(":", 1)[1]])
-                  for name in args.impls.split(",") if name.startswith("pallas:")})
+    for name in args.impls.split(","):
+        variant = name.removeprefix("pallas:")
+        if name != variant and variant in SWEEP:
+            impls[name] = pallas_fn(WINDOW, **SWEEP[variant])
+        elif name not in impls:
+            parser.error(f"unknown --impls {name!r}: use {list(impls)} or pallas:<one of {list(SWEEP)}>")
     impls = {name: impls[name] for name in args.impls.split(",")}
     for shape in args.shapes.split(",") if args.sweep != "none" else ():
         breakdown(key, shape, args.reps, args.sweep.split(","))
