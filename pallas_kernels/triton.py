@@ -23,9 +23,11 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H / S, key
   blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
-  give way to `_scanned_chunk_states` in XLA (per-chunk contributions as batched matmuls, an associative scan over
-  chunks, differentiated by XLA) and `_core_given_states`, whose backward turns the output backward's per-row
-  factors into the gradient of each chunk's entering state.
+  give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA, then `_chunk_scan`, an
+  elementwise scan kernel over chunks with its own reverse kernel) and `_core_given_states`, whose backward turns
+  the output backward's per-row factors into the gradient of each chunk's entering state.
+- A program that owns one query head reads and writes plain [rows, d] blocks (`_head_block`), without the head
+  axis that stacked heads need.
 """
 from __future__ import annotations
 
@@ -95,6 +97,31 @@ def _per_row(x, heads):
 def _stacked(x):
     """A block [R, heads, d] of query-head rows -> [R * heads, d] (the layout of `_per_row`)."""
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _head_block(heads):
+    """The head axis of a BlockSpec over a program's query heads: squeezed (None) for one head per program, whose
+    kernels then read and write plain [R, ...] rows: Triton's reshapes between [R, 1, d] and [R, d] cost layout
+    conversions (H100, dk = 128, one head per program: output backward 3.94 ms with them, against 2.35)."""
+    return None if heads == 1 else heads
+
+
+def _heads_of(ref):
+    """Query heads per program of a kernel from a [rows, heads, d] ref (a squeezed head axis: 1)."""
+    return ref.shape[1] if ref.ndim == 3 else 1
+
+
+def _load_rows(ref, rows, heads):
+    """Rows `rows` of a program's query heads, stacked token-major (`_per_row`): [R, S, ...] -> [R * S, ...]."""
+    x = ref[(rows,) + (slice(None),) * (ref.ndim - 1)]
+    return x if heads == 1 else _stacked(x)
+
+
+def _store_rows(ref, rows, x, heads):
+    """Writes stacked rows x [R * S, ...] to rows `rows` of a program's query heads (the inverse of _load_rows)."""
+    if heads > 1:
+        x = x.reshape((x.shape[0] // heads, heads) + x.shape[1:])
+    ref[(rows,) + (slice(None),) * (ref.ndim - 1)] = x.astype(ref.dtype)
 
 
 def _sum_heads(x, heads):
@@ -299,7 +326,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     through `_pair_terms`: factored dots when the sub-block's gate span allows (`factored_pairs` turns that off),
     else the elementwise block with exp(G_t - G_p) <= 1.
     """
-    heads = q_ref.shape[1]
+    heads = _heads_of(q_ref)
     c = pl.program_id(2)
     c0 = c * chunk
     rows = jnp.arange(sub)
@@ -320,7 +347,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
         acc = jnp.zeros((sub * heads, dv), jnp.float32)
 
         if num_slots > 0:
-            q = _stacked(q_ref[blk, :, :])
+            q = _load_rows(q_ref, blk, heads)
             run_q = run_ref[pl.ds(t0, sub)]
             gates = gates_ref[blk, :]
             writes = writes_ref[blk, :]
@@ -340,7 +367,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             row_sum = jnp.zeros((sub * heads,), jnp.float32)
 
         if window > 0:
-            qr = _stacked(qr_ref[blk, :, :])
+            qr = _load_rows(qr_ref, blk, heads)
             t_idx = t0 + row_token
             seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
             key_rows = jnp.arange(key_block)
@@ -368,8 +395,8 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             pair_probs, = _pair_terms(*pairs, lambda pw: pw.over_slots(probs))  # [t, p]
             acc += _dot((probs * inter_gate).astype(dtype), state.values())
             acc += _dot(pair_probs.astype(dtype), vs)
-        o_ref[blk, :, :] = (acc / row_sum[:, None]).reshape(sub, heads, dv).astype(o_ref.dtype)
-        lse_ref[blk, :] = (row_max + jnp.log(row_sum)).reshape(sub, heads)
+        _store_rows(o_ref, blk, acc / row_sum[:, None], heads)
+        _store_rows(lse_ref, blk, row_max + jnp.log(row_sum), heads)
 
         if num_slots > 0 and r0 + sub < chunk:
             # Advance the state over this sub-block (as _state_kernel does over a chunk).
@@ -395,7 +422,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     the S heads (float32): dks [C, dk], dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each
     sub-block and the decay of the state entering it.
     """
-    heads = q_ref.shape[1]
+    heads = _heads_of(q_ref)
     c = pl.program_id(2)
     c0 = c * chunk
     rows = jnp.arange(sub)
@@ -407,7 +434,6 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     last_row = (rows == sub - 1)[:, None]
     dtype = q_ref.dtype
     exact = dtype == jnp.float32
-    per_head = lambda x: x.reshape((sub, heads) + x.shape[1:])
 
     state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
     state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
@@ -415,11 +441,11 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
-        q, d_out = _stacked(q_ref[blk, :, :]), _stacked(do_ref[blk, :, :])
+        q, d_out = _load_rows(q_ref, blk, heads), _load_rows(do_ref, blk, heads)
         ks, vs = ks_ref[blk, :], vs_ref[blk, :]
         gates, writes = gates_ref[blk, :], writes_ref[blk, :]
         run_q = run_ref[pl.ds(t0, sub)]
-        lse, delta = _stacked(lse_ref[blk, :]), _stacked(delta_ref[blk, :])
+        lse, delta = _load_rows(lse_ref, blk, heads), _load_rows(delta_ref, blk, heads)
         base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
 
         # Recompute the slot logits and probabilities exactly as the forward did.
@@ -445,11 +471,11 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             lambda pw: pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits))
         dq = scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
                       + _dot(logit_pairs.astype(dtype), ks))
-        dq_ref[blk, :, :] = per_head(dq).astype(dq_ref.dtype)
+        _store_rows(dq_ref, blk, dq, heads)
         dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
         dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
-        a_ref[blk, :, :] = per_head(scale * d_logits * inter).astype(a_ref.dtype)
-        p_ref[blk, :, :] = per_head(probs * inter).astype(p_ref.dtype)
+        _store_rows(a_ref, blk, scale * d_logits * inter, heads)
+        _store_rows(p_ref, blk, probs * inter, heads)
         dwrites_ref[blk, :] = d_writes
         inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
         dgates = (_sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, heads)
@@ -461,7 +487,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         previous_dgates = dgates
 
         if window > 0:
-            qr = _stacked(qr_ref[blk, :, :])
+            qr = _load_rows(qr_ref, blk, heads)
             t_idx = t0 + row_token
             seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
             key_rows = jnp.arange(key_block)
@@ -480,9 +506,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             first = jnp.maximum(t0 - window + 1, 0) // key_block
             last = (t0 + sub - 1) // key_block
             dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub * heads, dk), jnp.float32))
-            dqr_ref[blk, :, :] = per_head(scale * dqr).astype(dqr_ref.dtype)
+            _store_rows(dqr_ref, blk, scale * dqr, heads)
         else:
-            dqr_ref[blk, :, :] = jnp.zeros((sub, heads, dk), dqr_ref.dtype)
+            _store_rows(dqr_ref, blk, jnp.zeros((sub * heads, dk), jnp.float32), heads)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
@@ -572,7 +598,7 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
     that can see the keys (t in [j, j + W)), the S heads' queries stacked as in the output kernels. Outputs dkr
     [K, dk], dv [K, dv] float32, summed over the S heads.
     """
-    heads = qr_ref.shape[1]
+    heads = _heads_of(qr_ref)
     kb = pl.program_id(2)
     j0 = kb * key_block
     t_pad = qr_ref.shape[0]
@@ -588,10 +614,10 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
         t_idx = qb * query_block + column_token
         visible = ((t_idx[None, :] >= j_idx[:, None]) & (t_idx[None, :] < j_idx[:, None] + window)
                    & (_per_row(seg_ref[rows], heads)[None, :] == seg_k[:, None]))  # [key, stacked query]
-        qr, d_out = _stacked(qr_ref[rows, :, :]), _stacked(do_ref[rows, :, :])
+        qr, d_out = _load_rows(qr_ref, rows, heads), _load_rows(do_ref, rows, heads)
         s = jnp.where(visible, _dot(keys, qr, trans_b=True) * scale, _MASK_VALUE)
-        p = jnp.where(visible, jnp.exp(s - _stacked(lse_ref[rows, :])[None, :]), 0.0)
-        ds = p * (_dot(values, d_out, trans_b=True) - _stacked(delta_ref[rows, :])[None, :])
+        p = jnp.where(visible, jnp.exp(s - _load_rows(lse_ref, rows, heads)[None, :]), 0.0)
+        ds = p * (_dot(values, d_out, trans_b=True) - _load_rows(delta_ref, rows, heads)[None, :])
         return dk + _dot(ds.astype(dtype), qr), dv + _dot(p.astype(dtype), d_out)
 
     first = j0 // query_block
@@ -667,10 +693,10 @@ class _ChunkSpecs:
         self.t_pad, self.chunk, self.heads = t_pad, chunk, heads
         self.kv_head = lambda h: h * heads // group
         self.runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
-        self.row_stats = pl.BlockSpec((None, chunk, heads), lambda b, h, c: (b, c, h))
+        self.row_stats = pl.BlockSpec((None, chunk, _head_block(heads)), lambda b, h, c: (b, c, h))
 
     def query_chunk(self, width):
-        return pl.BlockSpec((None, self.chunk, self.heads, width), lambda b, h, c: (b, c, h, 0))
+        return pl.BlockSpec((None, self.chunk, _head_block(self.heads), width), lambda b, h, c: (b, c, h, 0))
 
     def program_chunk(self, width):
         return pl.BlockSpec((None, self.chunk, None, width), lambda b, h, c: (b, c, h, 0))
@@ -841,7 +867,8 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
     per_program = _stacked_heads(group, block, config)
 
     def heads_all(*widths):
-        return pl.BlockSpec((None, t_pad, per_program, *widths), lambda b, h, kb: (b, 0, h) + (0,) * len(widths))
+        return pl.BlockSpec((None, t_pad, _head_block(per_program), *widths),
+                            lambda b, h, kb: (b, 0, h) + (0,) * len(widths))
 
     def kv_block(width):
         return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h * per_program // group, 0))
@@ -882,10 +909,145 @@ def _xla_precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype):
-    """The slot states entering each chunk, in XLA: every chunk's own contribution at once (batched matmuls over
-    the chunks), then an associative scan over chunks of H_next = decay * H + local (elementwise: no sequential
-    dots). The same values as `_slot_states`, differentiated by XLA.
+def _chunks_per_step(num_chunks: int, most: int) -> int:
+    """Chunks per step of a loop over chunks (the largest power of two <= most dividing num_chunks): a step issues
+    all its chunks' loads (and dots) that do not depend on the carried state before the dependent chain, so that
+    their latencies overlap."""
+    unroll = 1
+    while unroll < most and num_chunks % (2 * unroll) == 0:
+        unroll *= 2
+    return unroll
+
+
+def _chunk_scan_kernel(decay_ref, local_ref, init_ref, entering_ref, final_ref, *, num_chunks, decay_axis, unroll):
+    """One (batch, kv head, tile of the state): H_{c+1} = decay_c * H_c + L_c over the chunks, elementwise.
+
+    decay [nC, n] the tile's slots' decays; local [nC, r, n] float32; init [r, n] the state entering chunk 0. The
+    slots run along the tile's columns (decay_axis 1: H^k [dk, m]) or rows (decay_axis 0: H^v [m, dv]). Outputs
+    entering [nC, r, n] (H_c, in its dtype) and final [r, n] (H_nC, float32).
+    """
+    expand = (lambda d: d[None, :]) if decay_axis == 1 else (lambda d: d[:, None])
+
+    def step(i, state):
+        first = i * unroll
+        decays = [decay_ref[first + u, :] for u in range(unroll)]
+        locals_ = [local_ref[first + u, :, :] for u in range(unroll)]
+        for u in range(unroll):
+            entering_ref[first + u, :, :] = state.astype(entering_ref.dtype)
+            state = expand(decays[u]) * state + locals_[u]
+        return state
+
+    final_ref[...] = jax.lax.fori_loop(0, num_chunks // unroll, step, init_ref[...].astype(jnp.float32))
+
+
+def _chunk_scan_backward_kernel(decay_ref, entering_ref, d_entering_ref, d_final_ref,
+                                d_local_ref, d_decay_ref, d_init_ref, *, num_chunks, decay_axis, unroll):
+    """Reverse of `_chunk_scan_kernel` for one (batch, kv head, tile): with D the gradient of the state leaving
+    chunk c, dL_c = D, d decay_c = the tile's sum of D * H_c along the non-slot axis (a partial sum), and the
+    gradient of the state entering chunk c is decay_c * D + dH_c (its direct uses).
+
+    decay [nC, n]; entering, d_entering [nC, r, n] (H_c and its direct gradient); d_final [r, n] the gradient of
+    H_nC. Outputs float32: d_local [nC, r, n], d_decay [nC, n], d_init [r, n].
+    """
+    expand = (lambda d: d[None, :]) if decay_axis == 1 else (lambda d: d[:, None])
+
+    def step(i, grad):
+        chunks = [num_chunks - 1 - i * unroll - u for u in range(unroll)]
+        decays = [decay_ref[c, :] for c in chunks]
+        states = [entering_ref[c, :, :].astype(jnp.float32) for c in chunks]
+        direct = [d_entering_ref[c, :, :].astype(jnp.float32) for c in chunks]
+        for c, decay, state, d_state in zip(chunks, decays, states, direct):
+            d_local_ref[c, :, :] = grad
+            d_decay_ref[c, :] = jnp.sum(grad * state, axis=1 - decay_axis)
+            grad = expand(decay) * grad + d_state
+        return grad
+
+    d_init_ref[...] = jax.lax.fori_loop(0, num_chunks // unroll, step, d_final_ref[...].astype(jnp.float32))
+
+
+class _ChunkScanSpecs:
+    """Grid (B, Hkv, row tiles, column tiles) and BlockSpecs of the chunk-scan kernels over states
+    [B, nC, Hkv, rows, cols] (H^k [.., dk, m] with decay_axis 1, H^v [.., m, dv] with decay_axis 0) in tiles of
+    config.scan_tile: per chunk, one state [B, Hkv, rows, cols], decays [B, nC, Hkv, m], and the partial decay
+    gradients [tiles along the non-slot axis, B, nC, Hkv, m]."""
+
+    def __init__(self, local_shape, decay_axis, config):
+        batch, num_chunks, kv_heads, rows, cols = local_shape
+        tile = (min(config.scan_tile[0], rows), min(config.scan_tile[1], cols))
+        self.grid = (batch, kv_heads, rows // tile[0], cols // tile[1])
+        self.partials = self.grid[3 - decay_axis]
+        self.unroll = lambda most: _chunks_per_step(num_chunks, most)
+        self.chunks = pl.BlockSpec((None, num_chunks, None, *tile), lambda b, g, i, j: (b, 0, g, i, j))
+        self.state = pl.BlockSpec((None, None, *tile), lambda b, g, i, j: (b, g, i, j))
+        slot_tile = lambda i, j: (j, i) if decay_axis == 1 else (i, j)  # (slot tile, the other tile)
+        self.decay = pl.BlockSpec((None, num_chunks, None, tile[decay_axis]),
+                                  lambda b, g, i, j: (b, 0, g, slot_tile(i, j)[0]))
+        self.partial_decay = pl.BlockSpec((None, None, num_chunks, None, tile[decay_axis]),
+                                          lambda b, g, i, j: (slot_tile(i, j)[1], b, 0, g, slot_tile(i, j)[0]))
+
+
+def _chunk_scan_call(decay, local, init, decay_axis, state_dtype, config, interpret):
+    specs = _ChunkScanSpecs(local.shape, decay_axis, config)
+    return pl.pallas_call(
+        functools.partial(_chunk_scan_kernel, num_chunks=local.shape[1], decay_axis=decay_axis,
+                          unroll=specs.unroll(config.scan_unroll)),
+        grid=specs.grid,
+        in_specs=[specs.decay, specs.chunks, specs.state],
+        out_specs=[specs.chunks, specs.state],
+        out_shape=[jax.ShapeDtypeStruct(local.shape, state_dtype),
+                   jax.ShapeDtypeStruct(init.shape, jnp.float32)],
+        compiler_params=_compiler_params(config.scan_warps, 1),
+        interpret=interpret,
+        name="nha_chunk_scan",
+    )(decay, local, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunk_scan(decay, local, init, decay_axis, state_dtype, config, interpret):
+    """The slot states entering every chunk from each chunk's own contribution: H_0 = init,
+    H_{c+1} = decay_c * H_c + local_c (the decay broadcast along the slot axis), in one pass.
+
+    decay [B, nC, Hkv, m], local [B, nC, Hkv, dk, m] (decay_axis 1) or [B, nC, Hkv, m, dv] (decay_axis 0) float32,
+    init [B, Hkv, ...] float32. Returns entering [B, nC, Hkv, ...] (H_0 .. H_{nC-1}) in state_dtype and final
+    (H_nC) float32. config: the tuning.TritonConfig (scan_tile, scan_unroll, scan_warps).
+    """
+    return _chunk_scan_call(decay, local, init, decay_axis, state_dtype, config, interpret)
+
+
+def _chunk_scan_fwd(decay, local, init, decay_axis, state_dtype, config, interpret):
+    entering, final = _chunk_scan_call(decay, local, init, decay_axis, state_dtype, config, interpret)
+    entering_saved, = name_residuals(entering)
+    return (entering, final), (decay, entering_saved)
+
+
+def _chunk_scan_bwd(decay_axis, state_dtype, config, interpret, residuals, cotangents):
+    decay, entering = residuals
+    d_entering, d_final = cotangents
+    specs = _ChunkScanSpecs(entering.shape, decay_axis, config)
+    f32 = jnp.float32
+    d_local, d_decay, d_init = pl.pallas_call(
+        functools.partial(_chunk_scan_backward_kernel, num_chunks=entering.shape[1], decay_axis=decay_axis,
+                          unroll=specs.unroll(config.scan_unroll // 2)),
+        grid=specs.grid,
+        in_specs=[specs.decay, specs.chunks, specs.chunks, specs.state],
+        out_specs=[specs.chunks, specs.partial_decay, specs.state],
+        out_shape=[jax.ShapeDtypeStruct(entering.shape, f32),
+                   jax.ShapeDtypeStruct((specs.partials,) + decay.shape, f32),
+                   jax.ShapeDtypeStruct(d_final.shape, f32)],
+        compiler_params=_compiler_params(config.scan_warps, 1),
+        interpret=interpret,
+        name="nha_chunk_scan_backward",
+    )(decay, entering, d_entering, d_final)
+    return d_decay.sum(axis=0), d_local, d_init
+
+
+_chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
+def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype, config, interpret):
+    """The slot states entering each chunk: every chunk's own contribution at once in XLA (batched matmuls over the
+    chunks), then `_chunk_scan` over chunks of H_next = decay * H + local (elementwise: no dots in the dependent
+    chain). The same values as `_slot_states`; XLA differentiates the matmuls, `_chunk_scan` has its own backward.
 
     Shapes as `_slot_states`. Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final
     states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
@@ -905,17 +1067,9 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     local_v = einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs))
     state_run = jnp.concatenate([jnp.zeros((batch, 1), run.dtype), last_run[:, :-1]], axis=1)
     decay = jnp.where((state_run == last_run)[..., None, None], jnp.exp(gate_last), 0.0)  # [B, nC, Hkv, m]
-
-    def compose(first, second):  # apply `first`, then `second`: H -> a2 (a1 H + b1) + b2
-        (a1, bk1, bv1), (a2, bk2, bv2) = first, second
-        return a1 * a2, a2[..., None, :] * bk1 + bk2, a2[..., :, None] * bv1 + bv2
-
-    decay_to, from_k, from_v = jax.lax.associative_scan(compose, (decay, local_k, local_v), axis=1)
-    # States after chunks 0 .. nC-1 (the last one is the final state): A_c H_0 + B_c.
-    after_k = decay_to[..., None, :] * hk0[:, None] + from_k
-    after_v = decay_to[..., :, None] * hv0[:, None] + from_v
-    entering = lambda first, after: jnp.concatenate([first[:, None], after[:, :-1]], axis=1).astype(state_dtype)
-    return entering(hk0, after_k), entering(hv0, after_v), after_k[:, -1], after_v[:, -1]
+    hk, hk_final = _chunk_scan(decay, local_k, hk0, 1, state_dtype, config, interpret)
+    hv, hv_final = _chunk_scan(decay, local_v, hv0, 0, state_dtype, config, interpret)
+    return hk, hv, hk_final, hv_final
 
 
 def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, *,
@@ -1189,7 +1343,8 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
         q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg, run = core_args
         state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
         hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk,
-                                                             state_dtype=state_dtype)
+                                                             state_dtype=state_dtype, config=config,
+                                                             interpret=interpret)
         out = _core_given_states(q_p, qr, kr, v_p, ks, vs, gates, writes, hk_chunks, hv_chunks, seg, run, *statics)
     else:
         out, hk, hv = _core(*core_args, *statics)

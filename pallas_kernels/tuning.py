@@ -48,15 +48,19 @@ class TritonConfig:
       state, its query heads' gradients summed in-kernel) when batch x kv heads x state_splits reaches this many
       programs; below it, one program per query head keeps the GPU busier (the chunks run in sequence inside a
       program).
-    scan_states: compute the slot states entering each chunk in XLA (every chunk's contribution at once, then an
-      associative scan over chunks; XLA differentiates it) instead of the sequential slot-state kernel and its
-      reverse in the backward, whose chunk-after-chunk loop leaves the GPU idle when batch x kv heads is small.
-      Taken only with one sub-block per chunk (sub_block >= chunk).
+    scan_states: compute every chunk's own contribution to the slot states at once (batched matmuls in XLA), then
+      the states entering each chunk by an elementwise scan kernel over chunks (no dots in its dependent chain),
+      instead of the sequential slot-state kernel and its reverse in the backward, whose chunk-after-chunk loops of
+      small dots leave the GPU idle when batch x kv heads is small. Taken only with one sub-block per chunk
+      (sub_block >= chunk).
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
     shared_pair_exps: compute a sub-block's factored-pair exponentials (two [sub, m] exps) once, outside the lax.conds
       of its pair terms (two in the output kernel, five in its backward), instead of inside each.
+    scan_tile / scan_unroll / scan_warps: the tile of a slot state [dk, m] or [m, dv] per program of the
+      elementwise chunk scan that scan_states runs (grid B x Hkv x tiles), chunks per step of its loop (half as many
+      in its backward, which loads three tiles per chunk), and its num_warps.
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -79,6 +83,9 @@ class TritonConfig:
     stacked_rows: int = 16
     shared_pair_exps: bool = False
     input_dtype_states: bool = True
+    scan_tile: tuple[int, int] = (16, 32)
+    scan_unroll: int = 16
+    scan_warps: int = 4
 
 
 # Keyed by max(padded dk, padded dv); the first row whose bound is >= the key wins.
@@ -97,11 +104,13 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
 _FEW_STATE_PROGRAMS = 64
 _SPLITS_WHEN_FEW = 4
 # Up to this many elements in one chunk's slot states summed over batch and kv heads (B * Hkv * m * (dk + dv)),
-# the XLA scan over chunks beats the sequential state kernels. The kernels' time grows with the number of chunks
-# (one dependent step per chunk), the scan's with the elements it moves. H100, 2026-11-27, fwd+bwd of the whole op:
-# 65536 (B = 2, Hkv = 4, m = 64, dk = dv = 64, T = 8192): scan 3.75 vs 4.77 ms; 262144 (B = 8, same dims,
-# T = 2048): 3.26 vs 2.87 ms; 262144 (B = 1, Hkv = 16, dk = dv = 128, T = 32768): 18.0 vs 15.5 ms.
-_SCAN_STATE_ELEMENTS = 1 << 17
+# the scan path (per-chunk contributions in XLA, elementwise scan kernel) beats the sequential state kernels. The
+# kernels' time grows with the number of chunks (one dependent step of small dots per chunk), the scan's with the
+# bytes of the per-chunk float32 contributions it moves. H100, 2026-11-27, fwd+bwd of the whole op: 65536 (B = 2,
+# Hkv = 4, m = 64, dk = dv = 64, T = 8192): scan 2.56 vs 4.00 ms; 262144 (B = 8, same dims, T = 2048): 2.32 vs
+# 2.46 ms; 262144 (B = 1, Hkv = 16, dk = dv = 128, T = 32768): 15.5 vs 16.4 ms; 2097152 (B = 8, Hkv = 16,
+# dk = dv = 128, T = 2048): 9.29 vs 7.60 ms.
+_SCAN_STATE_ELEMENTS = 1 << 18
 
 
 def triton_config(head_dim: int, state_programs: int | None = None,

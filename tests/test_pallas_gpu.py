@@ -16,7 +16,7 @@ from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import live_kernel_calls, max_rel_err
-from pallas_kernels.triton import _FACTORED_SPAN, _prepare, _stacked_heads, nha_attention_triton
+from pallas_kernels.triton import _FACTORED_SPAN, _chunk_scan, _prepare, _stacked_heads, nha_attention_triton
 from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
@@ -86,7 +86,7 @@ def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size):
 def test_forward_and_gradients_match_naive(case, states):
     """Output and the gradients of q, k, v, log_alpha (max relative error <= 1e-4 in float32), through both pair
     paths of the kernels (factored matmuls and the elementwise fallback for strong gates), with the slot states
-    from the sequential kernels or from the XLA scan (one sub-block per chunk). The sequential state backward
+    from the sequential kernels or from the chunk scan (one sub-block per chunk). The sequential state backward
     takes a whole GQA group per program wherever the group is a power of two (on the GPU only when there are
     enough programs), and so do the output and window kernels (their rows stacked): the group-of-3 case covers one
     program per query head."""
@@ -141,6 +141,40 @@ def _check_against_naive(case, config):
 
 def _grad(loss, argnums=(0, 1, 2, 3)):
     return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))
+
+
+@pytest.mark.parametrize("decay_axis", [1, 0], ids=["keys", "values"])
+def test_chunk_scan_matches_a_python_loop(decay_axis):
+    """The elementwise chunk scan of the scan path and its custom_vjp against a loop of H_{c+1} = decay_c H_c + L_c:
+    5 chunks (odd: one chunk per loop step), a state of [32, 16] in [16, 16] tiles (so the decay gradient is
+    summed over two tiles' partial sums), float32 to 1e-5."""
+    batch, chunks, kv_heads, width, m = 2, 5, 3, 32, 16
+    shape = (batch, chunks, kv_heads) + ((width, m) if decay_axis == 1 else (m, width))
+    keys = jax.random.split(jax.random.PRNGKey(4), 4)
+    decay = jax.random.uniform(keys[0], (batch, chunks, kv_heads, m))
+    local = jax.random.normal(keys[1], shape)
+    init = jax.random.normal(keys[2], (batch, kv_heads) + shape[3:])
+    cotangent = jax.random.normal(keys[3], shape)
+    config = dataclasses.replace(triton_config(16), scan_tile=(16, 16), scan_unroll=4)
+
+    def loop(decay, local, init):
+        state, entering = init, []
+        for c in range(chunks):
+            entering.append(state)
+            state = jnp.expand_dims(decay[:, c], 3 - decay_axis) * state + local[:, c]
+        return jnp.stack(entering, axis=1), state
+
+    def kernel(decay, local, init):
+        return _chunk_scan(decay, local, init, decay_axis, jnp.float32, config, True)
+
+    def loss(scan, *args):
+        entering, final = scan(*args)
+        return jnp.sum(entering * cotangent) + jnp.sum(final ** 2), (entering, final)
+
+    grads, outs = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)(kernel, decay, local, init)
+    ref_grads, ref_outs = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)(loop, decay, local, init)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        assert max_rel_err(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("scan_states", [False, True], ids=["sequential", "scan"])
