@@ -408,19 +408,21 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
-                            dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, a_ref, p_ref, *,
+                            dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *,
                             chunk, sub, key_block, window, num_slots, scale, factored_pairs,
-                            share_pair_exps):
+                            share_pair_exps, chunk_state_grads):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
     and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
     sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
-    (in the inputs' dtype): dq [C, S, dk] (slot branch), dqr [C, S, dk] (window branch), and a [C, S, m] =
-    scale * dlogits * inter, p [C, S, m] = probs * inter, the per-row factors of the gradient of the state
-    entering each sub-block (dH^k = q^T a, dH^v = p^T do), which `_state_backward_kernel` carries back. Summed over
-    the S heads (float32): dks [C, dk], dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each
-    sub-block and the decay of the state entering it.
+    (in the inputs' dtype): dq [C, S, dk] (slot branch), dqr [C, S, dk] (window branch). Summed over the S heads
+    (float32): dks [C, dk], dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and
+    the decay of the state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and
+    p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per
+    query head (inputs' dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one
+    sub-block per chunk, the scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the
+    chunk states' dtype), so that neither the factors nor the queries go through HBM again.
     """
     heads = _heads_of(q_ref)
     c = pl.program_id(2)
@@ -474,8 +476,12 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         _store_rows(dq_ref, blk, dq, heads)
         dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
         dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
-        _store_rows(a_ref, blk, scale * d_logits * inter, heads)
-        _store_rows(p_ref, blk, probs * inter, heads)
+        if chunk_state_grads:  # sub == chunk: the state entering the sub-block is the chunk's
+            state_k_ref[...] = _dot(q, (scale * d_logits * inter).astype(dtype), trans_a=True).astype(state_k_ref.dtype)
+            state_v_ref[...] = _dot((probs * inter).astype(dtype), d_out, trans_a=True).astype(state_v_ref.dtype)
+        else:
+            _store_rows(state_k_ref, blk, scale * d_logits * inter, heads)
+            _store_rows(state_v_ref, blk, probs * inter, heads)
         dwrites_ref[blk, :] = d_writes
         inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
         dgates = (_sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, heads)
@@ -686,8 +692,8 @@ def _stacked_heads(group: int, sub: int, config) -> int:
 class _ChunkSpecs:
     """BlockSpecs of the (B, H / S, T/C) grid shared by the output kernel and its backward, whose programs own S
     query heads of one GQA group: per block of query heads and chunk (values [.., S, width] or row statistics
-    [.., S]), per program and chunk, per kv head and chunk, a kv head's whole sequence, a chunk's slot state, and
-    a row's per-token run ids."""
+    [.., S]), per program and chunk, per kv head and chunk, a kv head's whole sequence, a chunk's slot state (of
+    its kv head, or per program), and a row's per-token run ids."""
 
     def __init__(self, t_pad: int, chunk: int, group: int, heads: int):
         self.t_pad, self.chunk, self.heads = t_pad, chunk, heads
@@ -709,6 +715,9 @@ class _ChunkSpecs:
 
     def chunk_state(self, *shape):
         return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, self.kv_head(h), 0, 0))
+
+    def program_state(self, *shape):
+        return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, h, 0, 0))
 
 
 def _output_grid(q, ks, chunk, config):
@@ -744,14 +753,16 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
 
 
 def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, *,
-                     window, num_slots, scale, chunk, config, interpret):
+                     window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
     [B, Tp, H].
 
-    Returns per query head, in q.dtype (the custom_vjp rounds dq and dqr to it anyway; a and p are the state
-    backward's dot operands): dq, dqr [B, Tp, H, dk], a, p [B, Tp, H, m]; per program, float32 (summed over its S
-    query heads; the launcher sums the rest of each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv],
-    dwrites, dgates [B, Tp, H / S, m] (see the kernel).
+    Returns per query head, in q.dtype (the custom_vjp rounds dq and dqr to it anyway): dq, dqr [B, Tp, H, dk];
+    per program, float32 (summed over its S query heads; the launcher sums the rest of each GQA group):
+    dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv], dwrites, dgates [B, Tp, H / S, m]; and the state's share
+    (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with
+    chunk_state_grads the gradients of the states entering each chunk per program, dhk [B, nC, H / S, dk, m] and
+    dhv [B, nC, H / S, m, dv] in hk.dtype.
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
@@ -759,18 +770,28 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
     per_program_out = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, width), jnp.float32)
+    if chunk_state_grads:
+        if sub != chunk:
+            raise ValueError(f"chunk_state_grads needs one sub-block per chunk, got sub-blocks of {sub} in {chunk}")
+        per_chunk = lambda *shape: jax.ShapeDtypeStruct((batch, t_pad // chunk, heads // per_program, *shape),
+                                                        hk.dtype)
+        state_specs = [specs.program_state(dk, m), specs.program_state(m, dv)]
+        state_shapes = [per_chunk(dk, m), per_chunk(m, dv)]
+    else:
+        state_specs, state_shapes = [query_chunk(m), query_chunk(m)], [per_head(m), per_head(m)]
     return pl.pallas_call(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs,
-                          share_pair_exps=config.factored_pairs and config.shared_pair_exps),
+                          share_pair_exps=config.factored_pairs and config.shared_pair_exps,
+                          chunk_state_grads=chunk_state_grads),
         grid=grid,
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
         out_specs=[query_chunk(dk), query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m),
-                   program_chunk(m), query_chunk(m), query_chunk(m)],
+                   program_chunk(m), *state_specs],
         out_shape=[per_head(dk), per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m),
-                   per_program_out(m), per_head(m), per_head(m)],
+                   per_program_out(m), *state_shapes],
         compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
         interpret=interpret,
         name="nha_output_backward",
@@ -1073,18 +1094,18 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
 
 
 def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, *,
-                       window, num_slots, scale, chunk, config, interpret):
+                       window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """The backward kernels both custom_vjps share: the output backward and the window backward.
 
-    Returns d_out in q.dtype, the outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites, dgates, a, p) as a
-    tuple, and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum`
+    Returns d_out in q.dtype, the outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites, dgates, and a, p or
+    with chunk_state_grads dhk, dhv) as a tuple, and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum`
     finishes them; zeros when W = 0).
     """
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
     output_grads = _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta,
                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk, config=config,
-                                    interpret=interpret)
+                                    interpret=interpret, chunk_state_grads=chunk_state_grads)
     if window > 0:
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)
@@ -1094,12 +1115,12 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
 
 
 def _group_sum(x, kv_heads):
-    """Per query head (or per block of a group's query heads) [B, Tp, N, d] -> per kv head [B, Tp, Hkv, d]
-    (GQA groups are consecutive heads; N a multiple of Hkv)."""
-    batch, t_pad, owners, width = x.shape
+    """Per query head (or per block of a group's query heads) [B, T, N, ...] -> per kv head [B, T, Hkv, ...]
+    (GQA groups are consecutive heads; N a multiple of Hkv; T tokens or chunks)."""
+    owners = x.shape[2]
     if owners == kv_heads:
         return x
-    return x.reshape(batch, t_pad, kv_heads, owners // kv_heads, width).sum(axis=3)
+    return x.reshape(x.shape[:2] + (kv_heads, owners // kv_heads) + x.shape[3:]).sum(axis=3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))
@@ -1196,20 +1217,16 @@ def _core_given_states_fwd(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run
 
 def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, residuals, d_out):
     q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse = residuals
-    batch, t_pad, heads, dk = q.shape
-    kv_heads = ks.shape[2]
-    d_out, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+    # The gradient of the state entering a chunk (its rows' q^T a and p^T do) comes from the output backward per
+    # program, summed here over the rest of each GQA group.
+    d_out, (dq, dqr, dks, dvs, dwrites, dgates, dhk, dhv), dkr, dv = _output_side_grads(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
-        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
-    # The gradient of the state entering a chunk: its rows' q^T a and p^T do, summed over each GQA group.
-    per_chunk = lambda x: x.reshape(batch, t_pad // chunk, chunk, kv_heads, heads // kv_heads, x.shape[-1])
-    einsum = functools.partial(jnp.einsum, precision=_xla_precision(q.dtype), preferred_element_type=jnp.float32)
-    dhk = einsum("bctgjd,bctgjm->bcgdm", per_chunk(q), per_chunk(a))
-    dhv = einsum("bctgjm,bctgjd->bcgmd", per_chunk(p), per_chunk(d_out))
-    group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
+        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=True)
+    group_sum = functools.partial(_group_sum, kv_heads=ks.shape[2])
+    state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x.astype(jnp.float32)).astype(x.dtype)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
-            group_sum(dwrites), dhk.astype(hk.dtype), dhv.astype(hv.dtype), None, None)
+            group_sum(dwrites), state_sum(dhk), state_sum(dhv), None, None)
 
 
 _core_given_states.defvjp(_core_given_states_fwd, _core_given_states_bwd)
