@@ -168,7 +168,6 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk32_sub32_stack4": dict(chunk=32, sub_block=32, stacked_rows=128, output_warps=8, backward_warps=8),
     "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
     "key_block16": dict(key_block=16),
-    "shared_exps": dict(shared_pair_exps=True),
     "scan": dict(scan_states=True),
     "scan_t16x64_u8": dict(scan_states=True, scan_tile=(16, 64), scan_unroll=8),
     "scan_t16x16_u16": dict(scan_states=True, scan_tile=(16, 16), scan_unroll=16),

@@ -137,18 +137,18 @@ class _FactoredPairs:
 
     gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run);
     heads: query heads stacked on the rows (`_per_row`): queries come as [R * heads, ...], keys as [R, ...].
-    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]; exps: the two [R, m] already
-    computed (TritonConfig.shared_pair_exps), or None. exact: IEEE float32 dots (float32 inputs), else tf32 (bf16
-    inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
+    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]. exact: IEEE float32 dots
+    (float32 inputs), else tf32 (bf16 inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
+    Each pair term computes its own exps inside its lax.cond branch (computed once per sub-block and shared across
+    the branches instead, the output backward was 8% slower on an H100: the [R, m] values stay live across them).
     """
 
-    def __init__(self, gates, writes, base, visible, exact, heads, exps):
-        to_query, from_key = exps or (jnp.exp(gates - base[None, :]), jnp.exp(base[None, :] - gates))
+    def __init__(self, gates, writes, base, visible, exact, heads):
         self.exact = exact
         self.visible = _per_row(visible.astype(jnp.float32), heads)
-        self.to_query = _per_row(to_query, heads)
-        self.from_key = from_key
-        self.key_weights = writes * from_key
+        self.to_query = _per_row(jnp.exp(gates - base[None, :]), heads)
+        self.from_key = jnp.exp(base[None, :] - gates)
+        self.key_weights = writes * self.from_key
 
     def over_keys(self, x):
         """sum_p x[t, p] PW[t, p, :]: x [R * heads, R] -> [R * heads, m]."""
@@ -168,8 +168,8 @@ class _ElementwisePairs:
     """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0). With stacked
     heads, one head's rows at a time (the block is already at the register limit)."""
 
-    def __init__(self, gates, writes, base, visible, exact, heads, exps):
-        del base, exact, exps
+    def __init__(self, gates, writes, base, visible, exact, heads):
+        del base, exact
         self.heads = heads
         self.decay = jnp.where(visible[:, :, None],
                                jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
@@ -208,27 +208,18 @@ class _ElementwisePairs:
         return total
 
 
-def _pair_terms(factored, exact, heads, gates, writes, base, visible, exps, *terms):
+def _pair_terms(factored, exact, heads, gates, writes, base, visible, *terms):
     """[term(pairs) for term in terms], with _FactoredPairs where `factored` (a traced bool), else _ElementwisePairs.
 
     One lax.cond per term: the Triton compiler (jax 0.11.2 on H100) rejected a kernel whose cond had several
     results ("operand #0 does not dominate this use"); single-result conds compile.
     """
-    args = (gates, writes, base, visible, exact, heads, exps)
+    args = (gates, writes, base, visible, exact, heads)
     if factored is False:
         pairs = _ElementwisePairs(*args)
         return [term(pairs) for term in terms]
     return [jax.lax.cond(factored, lambda term=term: term(_FactoredPairs(*args)),
                          lambda term=term: term(_ElementwisePairs(*args))) for term in terms]
-
-
-def _pair_exps(gates, base, share):
-    """(reach, exps) of a sub-block: reach [R, m] = exp(G_t - G_base) <= 1, how far the state entering the sub-block
-    reaches each row; exps = (reach, exp(G_base - G_p)) for `_FactoredPairs` when `share` (computed once per
-    sub-block instead of in each pair term's branch of `_pair_terms`), else None. exp(G_base - G_p) may overflow
-    where the sub-block takes the elementwise path, which never reads it."""
-    reach = jnp.exp(gates - base[None, :])
-    return reach, ((reach, jnp.exp(base[None, :] - gates)) if share else None)
 
 
 def _factored_here(enabled, base, gate_last):
@@ -312,7 +303,7 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 
 def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
                    kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
-                   chunk, sub, key_block, window, num_slots, scale, factored_pairs, share_pair_exps):
+                   chunk, sub, key_block, window, num_slots, scale, factored_pairs):
     """One (batch, block of query heads of one GQA group, chunk of C queries): the NHA output of those queries.
 
     q/qr [C, S, dk] the S query heads' queries (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv],
@@ -353,10 +344,10 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             writes = writes_ref[blk, :]
             base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
-            reach, exps = _pair_exps(gates, base, share_pair_exps)
-            inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], reach, 0.0), heads)
+            inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0),
+                                  heads)
             pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes,
-                     base, causal & (run_q[:, None] == run_q[None, :]), exps)
+                     base, causal & (run_q[:, None] == run_q[None, :]))
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
             logits = _dot(q, state.keys()) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
@@ -409,8 +400,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *,
-                            chunk, sub, key_block, window, num_slots, scale, factored_pairs,
-                            share_pair_exps, chunk_state_grads):
+                            chunk, sub, key_block, window, num_slots, scale, factored_pairs, chunk_state_grads):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
@@ -451,11 +441,10 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
 
         # Recompute the slot logits and probabilities exactly as the forward did.
-        reach, exps = _pair_exps(gates, base, share_pair_exps)
-        inter = _per_row(jnp.where((run_q == state_run)[:, None], reach, 0.0), heads)
+        inter = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0), heads)
         # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
         pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes, base,
-                 causal & (run_q[:, None] == run_q[None, :]), exps)
+                 causal & (run_q[:, None] == run_q[None, :]))
         q_hk = _dot(q, state.keys())  # [t, m]
         qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
         do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
@@ -737,8 +726,7 @@ def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
     sub, _, specs, grid = _output_grid(q, ks, chunk, config)
     return pl.pallas_call(
         functools.partial(_output_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs,
-                          share_pair_exps=config.factored_pairs and config.shared_pair_exps),
+                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs),
         grid=grid,
         in_specs=[specs.query_chunk(dk), specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
                   specs.kv_chunk(m), specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
@@ -782,7 +770,6 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     return pl.pallas_call(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs,
-                          share_pair_exps=config.factored_pairs and config.shared_pair_exps,
                           chunk_state_grads=chunk_state_grads),
         grid=grid,
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),

@@ -56,8 +56,6 @@ class TritonConfig:
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
-    shared_pair_exps: compute a sub-block's factored-pair exponentials (two [sub, m] exps) once, outside the lax.conds
-      of its pair terms (two in the output kernel, five in its backward), instead of inside each.
     scan_tile / scan_unroll / scan_warps: the tile of a slot state [dk, m] or [m, dv] per program of the
       elementwise chunk scan that scan_states runs (grid B x Hkv x tiles), chunks per step of its loop (half as many
       in its backward, which loads three tiles per chunk), and its num_warps.
@@ -81,7 +79,6 @@ class TritonConfig:
     grouped_state_backward_programs: int = 128
     scan_states: bool = False
     stacked_rows: int = 16
-    shared_pair_exps: bool = False
     input_dtype_states: bool = True
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16

@@ -100,16 +100,6 @@ def test_forward_and_gradients_match_naive(case, states):
     _check_against_naive(case, config)
 
 
-def test_shared_pair_exps_match_naive():
-    """TritonConfig.shared_pair_exps (the factored pairs' exponentials computed once per sub-block, outside the
-    conds) on the case whose sub-blocks take both pair paths: where a sub-block falls back to the elementwise block,
-    its shared exp(G_base - G_p) overflows unread."""
-    case = CASES["w_lt_subblock_gqa_segments_odd_t_dk_ne_dv_strong_gates"]
-    config = dataclasses.replace(triton_config(16), grouped_state_backward_programs=0, scan_states=False,
-                                 shared_pair_exps=True)
-    _check_against_naive(case, config)
-
-
 def _check_against_naive(case, config):
     """Output and gradients of the kernels under `config` against impl="naive" (max relative error <= 1e-4)."""
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
