@@ -21,6 +21,9 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   backward 0.99 vs 1.29 ms; 2 heads 0.62 / 1.09; 4 heads with 8 warps 0.65 / 1.62. Chunk 32 with 32-row
   sub-blocks and 2 heads per program tied the table (kernels 2.94 vs 2.98 ms). Stacking at dk = 128 is not measured
   (the S1-S3 benchmark shapes have no GQA), so that row keeps one head per program.
+- Session 9 (2026-11-27): the scan path's elementwise chunk scan with [16, 32] tiles and 16 chunks per loop step
+  beat [16, 64] with 8 and 2 warps (within 5%; [16, 16] tied at B = 2, T = 8192). Shared factored-pair exps
+  (removed) and key blocks of 16 lost 8-14% in the output backward.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
