@@ -7,7 +7,7 @@
 set -u
 out=$1; dims=$2; shift 2
 log="$out/ncu_${dims//,/_}.txt"
-timeout 200 ncu --clock-control none --kernel-name regex:nha --launch-count 5 \
+timeout 200 ncu --clock-control none --kernel-name regex:nha --launch-count 10 \
   --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
   --metrics smsp__sass_inst_executed_op_local_ld.sum,smsp__sass_inst_executed_op_local_st.sum,smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio \
   python3 -m bench.bench_kernels --once --shapes S1 --dims "$dims" "$@" > "$log" 2>&1
