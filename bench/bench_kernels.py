@@ -27,8 +27,8 @@ from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
 from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
-                                   _state_backward, _state_splits, _window_backward, nha_attention_triton,
-                                   table_config)
+                                   _state_backward, _state_splits, _window_backward, _window_dq,
+                                   nha_attention_triton, table_config)
 from pallas_kernels.tuning import triton_config
 
 SHAPES = {"S1": (8, 2048), "S2": (2, 8192), "S3": (1, 32768)}
@@ -169,6 +169,7 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
     "key_block16": dict(key_block=16),
     "scan": dict(scan_states=True),
+    "window_dq": dict(separate_window_dq=True),
     "scan_t16x64_u8": dict(scan_states=True, scan_tile=(16, 64), scan_unroll=8),
     "scan_t16x16_u16": dict(scan_states=True, scan_tile=(16, 16), scan_unroll=16),
     "scan_t16x32_u8": dict(scan_states=True, scan_tile=(16, 32), scan_unroll=8),
@@ -203,6 +204,8 @@ def breakdown(key, shape, reps, sweep):
             state_bwd=jax.jit(lambda *a, config=config: _state_backward(
                 *a, chunk=chunk, config=config, interpret=False)),
             window_bwd=jax.jit(lambda *a, config=config: _window_backward(
+                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)),
+            window_dq=jax.jit(lambda *a, config=config: _window_dq(
                 *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)))
         try:
             times = {}
@@ -215,8 +218,10 @@ def breakdown(key, shape, reps, sweep):
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
             delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
-            _, _, _, _, _, _, a, p = kernels["output_bwd"](*args)
+            _, _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
             times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
+            if config.separate_window_dq:
+                times["window_dq"] = median_ms(kernels["window_dq"], (qr, kr, v_p, d_out, lse, delta, seg_p), reps)
             splits = _state_splits(HEAD_DIM, HEAD_DIM, config)
             owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS, batch * KV_HEADS * splits, config)
             dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)

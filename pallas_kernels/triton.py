@@ -399,16 +399,17 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
-                            dq_ref, dqr_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *,
+                            dq_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *dqr_ref,
                             chunk, sub, key_block, window, num_slots, scale, factored_pairs, chunk_state_grads):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
     and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
     sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
-    (in the inputs' dtype): dq [C, S, dk] (slot branch), dqr [C, S, dk] (window branch). Summed over the S heads
-    (float32): dks [C, dk], dvs [C, dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and
-    the decay of the state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and
+    (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the window
+    branch's (else `_window_dq_kernel` gives it). Summed over the S heads (float32): dks [C, dk], dvs [C, dv],
+    dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state entering it.
+    The state's share, by the per-row factors a = scale * dlogits * inter and
     p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per
     query head (inputs' dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one
     sub-block per chunk, the scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the
@@ -418,9 +419,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     c = pl.program_id(2)
     c0 = c * chunk
     rows = jnp.arange(sub)
-    row_token = jnp.arange(sub * heads) // heads
     m_pad = gates_ref.shape[-1]
-    dk = q_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
     last_row = (rows == sub - 1)[:, None]
@@ -481,29 +480,10 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             dgates_ref[pl.ds(r0 - sub, sub), :] = previous_dgates
         previous_dgates = dgates
 
-        if window > 0:
-            qr = _load_rows(qr_ref, blk, heads)
-            t_idx = t0 + row_token
-            seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
-            key_rows = jnp.arange(key_block)
-
-            def window_step(kb, dqr):
-                cols = pl.ds(kb * key_block, key_block)
-                j_idx = kb * key_block + key_rows
-                visible = ((j_idx[None, :] <= t_idx[:, None]) & (j_idx[None, :] > t_idx[:, None] - window)
-                           & (seg_ref[cols][None, :] == seg_q[:, None]))
-                keys = kr_ref[cols, :]
-                s = jnp.where(visible, _dot(qr, keys, trans_b=True) * scale, _MASK_VALUE)
-                p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
-                ds = p * (_dot(d_out, v_ref[cols, :], trans_b=True) - delta[:, None])
-                return dqr + _dot(ds.astype(dtype), keys)
-
-            first = jnp.maximum(t0 - window + 1, 0) // key_block
-            last = (t0 + sub - 1) // key_block
-            dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((sub * heads, dk), jnp.float32))
-            _store_rows(dqr_ref, blk, scale * dqr, heads)
-        else:
-            _store_rows(dqr_ref, blk, jnp.zeros((sub * heads, dk), jnp.float32), heads)
+        if dqr_ref:
+            dqr = _window_query_grad(_load_rows(qr_ref, blk, heads), d_out, lse, delta, t0, sub, heads, seg_ref,
+                                     kr_ref, v_ref, key_block=key_block, window=window, scale=scale)
+            _store_rows(dqr_ref[0], blk, dqr, heads)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
@@ -511,6 +491,47 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             state.advance(decay, (writes * to_last).astype(dtype), ks, vs)
             state_run = last_run
     dgates_ref[pl.ds(chunk - sub, sub), :] = previous_dgates
+
+
+def _window_query_grad(qr, d_out, lse, delta, t0, rows, heads, seg_ref, kr_ref, v_ref, *, key_block, window,
+                       scale):
+    """The window branch's dq of `rows` tokens from t0 (S = heads query heads stacked, `_per_row`): qr, d_out
+    [rows * S, d], lse, delta [rows * S]; seg_ref [Tp] window run ids, kr_ref [Tp, dk], v_ref [Tp, dv] the kv head's
+    rotated keys and values. Loops over the key blocks the rows see, recomputing the window probabilities from lse.
+    Returns [rows * S, dk] float32."""
+    t_idx = t0 + jnp.arange(rows * heads) // heads
+    seg_q = _per_row(seg_ref[pl.ds(t0, rows)], heads)
+    key_rows = jnp.arange(key_block)
+
+    def window_step(kb, dqr):
+        cols = pl.ds(kb * key_block, key_block)
+        j_idx = kb * key_block + key_rows
+        visible = ((j_idx[None, :] <= t_idx[:, None]) & (j_idx[None, :] > t_idx[:, None] - window)
+                   & (seg_ref[cols][None, :] == seg_q[:, None]))
+        keys = kr_ref[cols, :]
+        s = jnp.where(visible, _dot(qr, keys, trans_b=True) * scale, _MASK_VALUE)
+        p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(d_out, v_ref[cols, :], trans_b=True) - delta[:, None])
+        return dqr + _dot(ds.astype(qr.dtype), keys)
+
+    first = jnp.maximum(t0 - window + 1, 0) // key_block
+    last = (t0 + rows - 1) // key_block
+    dqr = jax.lax.fori_loop(first, last + 1, window_step, jnp.zeros((rows * heads, qr.shape[-1]), jnp.float32))
+    return scale * dqr
+
+
+def _window_dq_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dqr_ref, *, chunk, key_block,
+                      window, scale):
+    """The window dq of one (batch, block of S query heads, chunk) in a pass of its own
+    (TritonConfig.separate_window_dq): qr, do [C, S, d], lse, delta [C, S], the kv head's kr [Tp, dk], v [Tp, dv],
+    seg [Tp]. Output dqr [C, S, dk]."""
+    heads = _heads_of(qr_ref)
+    blk = pl.ds(0, chunk)
+    dqr = _window_query_grad(_load_rows(qr_ref, blk, heads), _load_rows(do_ref, blk, heads),
+                             _load_rows(lse_ref, blk, heads), _load_rows(delta_ref, blk, heads),
+                             pl.program_id(2) * chunk, chunk, heads, seg_ref, kr_ref, v_ref, key_block=key_block,
+                             window=window, scale=scale)
+    _store_rows(dqr_ref, blk, dqr, heads)
 
 
 def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
@@ -745,12 +766,13 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
     [B, Tp, H].
 
-    Returns per query head, in q.dtype (the custom_vjp rounds dq and dqr to it anyway): dq, dqr [B, Tp, H, dk];
-    per program, float32 (summed over its S query heads; the launcher sums the rest of each GQA group):
-    dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv], dwrites, dgates [B, Tp, H / S, m]; and the state's share
-    (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with
+    Returns (dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
+    them to it anyway), dq [B, Tp, H, dk]; per program, float32 (summed over its S query heads; the launcher sums the
+    rest of each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv], dwrites, dgates [B, Tp, H / S, m]; the
+    state's share (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with
     chunk_state_grads the gradients of the states entering each chunk per program, dhk [B, nC, H / S, dk, m] and
-    dhv [B, nC, H / S, m, dv] in hk.dtype.
+    dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq [B, Tp, H, dk] in q.dtype, None when W = 0 or
+    config.separate_window_dq (`_window_dq` then).
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
@@ -767,7 +789,9 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         state_shapes = [per_chunk(dk, m), per_chunk(m, dv)]
     else:
         state_specs, state_shapes = [query_chunk(m), query_chunk(m)], [per_head(m), per_head(m)]
-    return pl.pallas_call(
+    window_here = window > 0 and not config.separate_window_dq
+    window_specs, window_shapes = ([query_chunk(dk)], [per_head(dk)]) if window_here else ([], [])
+    grads = pl.pallas_call(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs,
                           chunk_state_grads=chunk_state_grads),
@@ -775,14 +799,33 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
-        out_specs=[query_chunk(dk), query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m),
-                   program_chunk(m), *state_specs],
-        out_shape=[per_head(dk), per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m),
-                   per_program_out(m), *state_shapes],
+        out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), program_chunk(m),
+                   *state_specs, *window_specs],
+        out_shape=[per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m), per_program_out(m),
+                   *state_shapes, *window_shapes],
         compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
         interpret=interpret,
         name="nha_output_backward",
     )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta)
+    return (*grads[:7], grads[7] if window_here else None)
+
+
+def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
+    """Launches _window_dq_kernel over the output kernels' grid: dqr [B, Tp, H, dk] in qr.dtype."""
+    _, _, specs, grid = _output_grid(qr, kr, chunk, config)
+    dk, dv = qr.shape[3], v.shape[3]
+    return pl.pallas_call(
+        functools.partial(_window_dq_kernel, chunk=chunk, key_block=min(config.key_block, chunk), window=window,
+                          scale=scale),
+        grid=grid,
+        in_specs=[specs.query_chunk(dk), specs.query_chunk(dv), specs.row_stats, specs.row_stats, specs.runs,
+                  specs.kv_all(dk), specs.kv_all(dv)],
+        out_specs=specs.query_chunk(dk),
+        out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
+        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
+        interpret=interpret,
+        name="nha_window_dq",
+    )(qr, d_out, lse, delta, seg, kr, v)
 
 
 def _heads_per_state_program(group: int, kv_programs: int, config) -> int:
@@ -1082,7 +1125,8 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
 
 def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, *,
                        window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
-    """The backward kernels both custom_vjps share: the output backward and the window backward.
+    """The backward kernels both custom_vjps share: the output backward, the window dq (inside it, or
+    `_window_dq`) and the window backward.
 
     Returns d_out in q.dtype, the outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites, dgates, and a, p or
     with chunk_state_grads dhk, dhv) as a tuple, and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum`
@@ -1090,9 +1134,15 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
     """
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
-    output_grads = _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta,
-                                    window=window, num_slots=num_slots, scale=scale, chunk=chunk, config=config,
-                                    interpret=interpret, chunk_state_grads=chunk_state_grads)
+    dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr = _output_backward(
+        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window, num_slots=num_slots,
+        scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=chunk_state_grads)
+    if window == 0:
+        dqr = jnp.zeros(qr.shape, qr.dtype)
+    elif dqr is None:
+        dqr = _window_dq(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk, config=config,
+                         interpret=interpret)
+    output_grads = (dq, dqr, dks, dvs, dwrites, dgates, state_k, state_v)
     if window > 0:
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)

@@ -23,7 +23,9 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   (the S1-S3 benchmark shapes have no GQA), so that row keeps one head per program.
 - Session 9 (2026-11-27): the scan path's elementwise chunk scan with [16, 32] tiles and 16 chunks per loop step
   beat [16, 64] with 8 and 2 warps (within 5%; [16, 16] tied at B = 2, T = 8192). Shared factored-pair exps
-  (removed) and key blocks of 16 lost 8-14% in the output backward.
+  (removed) and key blocks of 16 lost 8-14% in the output backward. The window dq in its own kernel: at dk = 128
+  the output backward fell 2.00 -> 1.57 ms for a 0.26 ms dq pass (S1 fwd+bwd 5.82 -> 5.62, S2 6.57 -> 6.44), at
+  NHA-340M's layer 0.87 -> 0.83 ms for 0.05 (a wash), so only the dk = 128 row takes it.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ class TritonConfig:
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
+    separate_window_dq: compute the window branch's dq in a kernel of its own (grid as the output kernels) instead of
+      inside the output backward, whose live float32 tiles then belong to the slot branch alone.
     scan_tile / scan_unroll / scan_warps: the tile of a slot state [dk, m] or [m, dv] per program of the
       elementwise chunk scan that scan_states runs (grid B x Hkv x tiles), chunks per step of its loop (half as many
       in its backward, which loads three tiles per chunk), and its num_warps.
@@ -83,6 +87,7 @@ class TritonConfig:
     scan_states: bool = False
     stacked_rows: int = 16
     input_dtype_states: bool = True
+    separate_window_dq: bool = False
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16
     scan_warps: int = 4
@@ -95,7 +100,7 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
                       backward_warps=4, backward_stages=2, stacked_rows=64)),
     (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=8, output_stages=2,
                        state_warps=8, state_stages=2, state_splits=1,
-                       backward_warps=8, backward_stages=2)),
+                       backward_warps=8, backward_stages=2, separate_window_dq=True)),
     (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,
                            state_warps=8, state_stages=1, state_splits=1,
                            backward_warps=8, backward_stages=1)),

@@ -95,8 +95,8 @@ def test_forward_and_gradients_match_naive(case, states):
                                  scan_states=states == "scan", stacked_rows=64)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config) == (group if group & (group - 1) == 0 else 1)
-    if states == "scan":
-        config = dataclasses.replace(config, sub_block=block_size)
+    if states == "scan":  # also the window dq in its own kernel
+        config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True)
     _check_against_naive(case, config)
 
 
@@ -171,7 +171,7 @@ def test_chunk_scan_matches_a_python_loop(decay_axis):
 def test_initial_and_final_slots_match_recurrent(scan_states):
     """slot_k0/slot_v0 seen by run 0 only; return_slots = the state after T-1; gradients reach the initial slots.
     Also the W = 0 case of the grid (Gated Slot Attention), with GQA, segments and odd T; with the slot states
-    from the sequential kernels or the XLA scan."""
+    from the sequential kernels or the chunk scan."""
     batch, seq, heads, kv_heads, dk, dv, m, window = 2, 35, 2, 1, 16, 16, 16, 0
     q, k, v, log_alpha, cotangent = _inputs(3, batch, seq, heads, kv_heads, dk, dv, m)
     keys = jax.random.split(jax.random.PRNGKey(4), 2)
