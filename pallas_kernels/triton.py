@@ -21,11 +21,12 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   keys/values, write strengths and gates (summed over its S heads), and the per-row factors of the state gradient;
   `_state_backward_kernel`, grid (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying
   dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H / S, key
-  blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group.
+  blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group. With
+  TritonConfig.separate_window_dq the window dq comes from `_window_dq_kernel`, a pass of its own.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
   give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA, then `_chunk_scan`, an
-  elementwise scan kernel over chunks with its own reverse kernel) and `_core_given_states`, whose backward turns
-  the output backward's per-row factors into the gradient of each chunk's entering state.
+  elementwise scan kernel over chunks with its own reverse kernel) and `_core_given_states`, whose output backward
+  gives the gradient of each chunk's entering state directly (q^T a and p^T do over the chunk's rows).
 - A program that owns one query head reads and writes plain [rows, d] blocks (`_head_block`), without the head
   axis that stacked heads need.
 """
@@ -406,14 +407,14 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
     and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
     sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
-    (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the window
-    branch's (else `_window_dq_kernel` gives it). Summed over the S heads (float32): dks [C, dk], dvs [C, dv],
-    dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state entering it.
-    The state's share, by the per-row factors a = scale * dlogits * inter and
-    p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per
-    query head (inputs' dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one
-    sub-block per chunk, the scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the
-    chunk states' dtype), so that neither the factors nor the queries go through HBM again.
+    (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
+    window branch's (else `_window_dq_kernel` gives it). Summed over the S heads (float32): dks [C, dk], dvs [C,
+    dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state entering
+    it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a,
+    dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs' dtype), which
+    `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the scan path), as
+    the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so that neither the
+    factors nor the queries go through HBM again.
     """
     heads = _heads_of(q_ref)
     c = pl.program_id(2)
@@ -1128,9 +1129,9 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
     """The backward kernels both custom_vjps share: the output backward, the window dq (inside it, or
     `_window_dq`) and the window backward.
 
-    Returns d_out in q.dtype, the outputs of `_output_backward` (dq, dqr, dks, dvs, dwrites, dgates, and a, p or
-    with chunk_state_grads dhk, dhv) as a tuple, and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum`
-    finishes them; zeros when W = 0).
+    Returns d_out in q.dtype; (dq, dqr, dks, dvs, dwrites, dgates, and a, p or with chunk_state_grads dhk, dhv) as
+    `_output_backward` gives them, with dqr [B, Tp, H, dk] in qr.dtype (zeros when W = 0); and the window's dkr
+    [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum` finishes them; zeros when W = 0).
     """
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
