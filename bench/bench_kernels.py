@@ -170,6 +170,7 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "key_block16": dict(key_block=16),
     "scan": dict(scan_states=True),
     "window_dq": dict(separate_window_dq=True),
+    "window_dq_inside": dict(separate_window_dq=False),
     "scan_t16x64_u8": dict(scan_states=True, scan_tile=(16, 64), scan_unroll=8),
     "scan_t16x16_u16": dict(scan_states=True, scan_tile=(16, 16), scan_unroll=16),
     "scan_t16x32_u8": dict(scan_states=True, scan_tile=(16, 32), scan_unroll=8),

@@ -13,8 +13,9 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   and walks its chunk in sub-blocks of R rows carrying the slot state; per sub-block: slot logits (state + the
   pairs inside the sub-block), window logits over key blocks with an online softmax, one float32 softmax over both,
   slot read, window read. The pair terms are small dots with the decay factored through the sub-block's base gate
-  (`_FactoredPairs`) unless the sub-block's gates are so strong that a factor could overflow; then an elementwise
-  [R, R, m] block whose gate exponents are all <= 0.
+  (`_FactoredPairs`). Where a chunk's gates are so strong that a factor could overflow (`_strong_chunks`), a second
+  pass of the kernel redoes that chunk in place with an elementwise [R, R, m] block whose gate exponents are all
+  <= 0 (`_launch_output_kernel`); both output kernels run this way.
 - The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
   rest in three kernels: `_output_backward_kernel`, grid (B, H / S, T/C) like the output kernel, recomputes the
   joint softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted
@@ -140,8 +141,8 @@ class _FactoredPairs:
     heads: query heads stacked on the rows (`_per_row`): queries come as [R * heads, ...], keys as [R, ...].
     to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]. exact: IEEE float32 dots
     (float32 inputs), else tf32 (bf16 inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
-    Each pair term computes its own exps inside its lax.cond branch (computed once per sub-block and shared across
-    the branches instead, the output backward was 8% slower on an H100: the [R, m] values stay live across them).
+    Valid while e^span stays finite (span <= _FACTORED_SPAN): `_strong_chunks` sends the other chunks to
+    `_ElementwisePairs`.
     """
 
     def __init__(self, gates, writes, base, visible, exact, heads):
@@ -209,24 +210,39 @@ class _ElementwisePairs:
         return total
 
 
-def _pair_terms(factored, exact, heads, gates, writes, base, visible, *terms):
-    """[term(pairs) for term in terms], with _FactoredPairs where `factored` (a traced bool), else _ElementwisePairs.
+def _pair_kernel(body, pairs, num_inputs, num_previous):
+    """An output kernel (`_output_kernel`, `_output_backward_kernel`) with its pair terms in one form, as
+    `_launch_output_kernel` runs it. Refs: strong [1] (`_strong_chunks` of the program's chunk and kv head), the
+    body's inputs, `num_previous` refs aliased to the outputs (the first pass's results, left as they are where this
+    pass writes nothing), the body's outputs.
 
-    One lax.cond per term: the Triton compiler (jax 0.11.2 on H100) rejected a kernel whose cond had several
-    results ("operand #0 does not dominate this use"); single-result conds compile.
+    pairs: "factored" (`_FactoredPairs` everywhere: the results of strong chunks overflow and are overwritten by the
+    fallback pass), "fallback" (`_ElementwisePairs`, only in programs whose chunk is strong) or "elementwise"
+    (`_ElementwisePairs` everywhere). One form per kernel, with no branch between forms inside it: with a lax.cond
+    per pair term the elementwise [R, R, m] branch took registers from the factored one (H100, dk = 128, 32-row
+    sub-blocks: output backward 1.53 ms with the conds, 0.81 without).
     """
-    args = (gates, writes, base, visible, exact, heads)
-    if factored is False:
-        pairs = _ElementwisePairs(*args)
-        return [term(pairs) for term in terms]
-    return [jax.lax.cond(factored, lambda term=term: term(_FactoredPairs(*args)),
-                         lambda term=term: term(_ElementwisePairs(*args))) for term in terms]
+    def kernel(strong_ref, *refs):
+        refs = refs[:num_inputs] + refs[num_inputs + num_previous:]
+        # The program id is read outside the cond: interpret mode has none inside one.
+        run = functools.partial(body, *refs, chunk_index=pl.program_id(2))
+        if pairs == "fallback":
+            pl.when(strong_ref[0] != 0)(functools.partial(run, pair_cls=_ElementwisePairs))
+        else:
+            run(pair_cls=_FactoredPairs if pairs == "factored" else _ElementwisePairs)
+    return kernel
 
 
-def _factored_here(enabled, base, gate_last):
-    """Whether a sub-block (cumulative gate `base` [m] before it, `gate_last` [m] at its last row) takes the factored
-    pair path: False when the tuning config turns it off, else a traced bool."""
-    return enabled and jnp.max(base - gate_last) <= _FACTORED_SPAN
+def _strong_chunks(gates, chunk, sub):
+    """int32 [B, Tp / chunk, Hkv]: 1 where a sub-block of `sub` rows of the chunk forgets too fast for the factored
+    pair form (max over slots of G_base - G_last > _FACTORED_SPAN), else 0. gates [B, Tp, Hkv, m] chunk-local
+    cumulative log gates."""
+    batch, t_pad, kv_heads, _ = gates.shape
+    last = gates[:, sub - 1::sub]  # each sub-block's last row
+    first_in_chunk = (jnp.arange(t_pad // sub) % (chunk // sub) == 0)[None, :, None, None]
+    base = jnp.where(first_in_chunk, 0.0, jnp.pad(last, [(0, 0), (1, 0), (0, 0), (0, 0)])[:, :-1])
+    spans = jnp.max(base - last, axis=-1).reshape(batch, t_pad // chunk, chunk // sub, kv_heads)
+    return (jnp.max(spans, axis=2) > _FACTORED_SPAN).astype(jnp.int32)
 
 
 def _handover(gates, runs, state_run, last_run, gate_last, base):
@@ -304,7 +320,7 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
 
 def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
                    kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
-                   chunk, sub, key_block, window, num_slots, scale, factored_pairs):
+                   chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls):
     """One (batch, block of query heads of one GQA group, chunk of C queries): the NHA output of those queries.
 
     q/qr [C, S, dk] the S query heads' queries (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv],
@@ -314,12 +330,11 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     (for the backward). The S heads' rows are stacked (`_per_row`): every dot has R * S rows.
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
-    state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block go
-    through `_pair_terms`: factored dots when the sub-block's gate span allows (`factored_pairs` turns that off),
-    else the elementwise block with exp(G_t - G_p) <= 1.
+    state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block are
+    `pair_cls` (`_pair_kernel`): factored dots, or the elementwise block with exp(G_t - G_p) <= 1.
     """
     heads = _heads_of(q_ref)
-    c = pl.program_id(2)
+    c = chunk_index
     c0 = c * chunk
     rows = jnp.arange(sub)
     row_token = jnp.arange(sub * heads) // heads  # stacked row -> token of the sub-block
@@ -347,10 +362,11 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
             inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0),
                                   heads)
-            pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes,
-                     base, causal & (run_q[:, None] == run_q[None, :]))
+            # Built where used (twice): kept live across the window loop, its [R, m] factors cost registers.
+            pairs = functools.partial(pair_cls, gates, writes, base, causal & (run_q[:, None] == run_q[None, :]),
+                                      exact, heads)
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
-            logits = _dot(q, state.keys()) * inter_gate + _pair_terms(*pairs, lambda pw: pw.over_keys(qk))[0]
+            logits = _dot(q, state.keys()) * inter_gate + pairs().over_keys(qk)
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
             row_max = jnp.max(logits, axis=1)
             row_sum = jnp.sum(jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0), axis=1)
@@ -384,7 +400,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
         if num_slots > 0:
             vs = vs_ref[blk, :]
             probs = jnp.where(slot_valid, jnp.exp(logits - row_max[:, None]), 0.0)
-            pair_probs, = _pair_terms(*pairs, lambda pw: pw.over_slots(probs))  # [t, p]
+            pair_probs = pairs().over_slots(probs)  # [t, p]
             acc += _dot((probs * inter_gate).astype(dtype), state.values())
             acc += _dot(pair_probs.astype(dtype), vs)
         _store_rows(o_ref, blk, acc / row_sum[:, None], heads)
@@ -401,7 +417,8 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *dqr_ref,
-                            chunk, sub, key_block, window, num_slots, scale, factored_pairs, chunk_state_grads):
+                            chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
+                            chunk_state_grads):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
@@ -417,7 +434,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     factors nor the queries go through HBM again.
     """
     heads = _heads_of(q_ref)
-    c = pl.program_id(2)
+    c = chunk_index
     c0 = c * chunk
     rows = jnp.arange(sub)
     m_pad = gates_ref.shape[-1]
@@ -443,12 +460,13 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         # Recompute the slot logits and probabilities exactly as the forward did.
         inter = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0), heads)
         # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
-        pairs = (_factored_here(factored_pairs, base, gates_ref[r0 + sub - 1, :]), exact, heads, gates, writes, base,
-                 causal & (run_q[:, None] == run_q[None, :]))
+        pairs = functools.partial(pair_cls, gates, writes, base, causal & (run_q[:, None] == run_q[None, :]), exact,
+                                  heads)
         q_hk = _dot(q, state.keys())  # [t, m]
         qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
         do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
-        intra_logits, intra_read = _pair_terms(*pairs, lambda pw: pw.over_keys(qk), lambda pw: pw.over_keys(do_vs))
+        pw = pairs()
+        intra_logits, intra_read = pw.over_keys(qk), pw.over_keys(do_vs)
         probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
 
         # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
@@ -457,9 +475,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
         # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
         # of g * PW are the intra terms above, and the sums over t factor out s_p.
-        logit_pairs, read_pairs, d_writes = _pair_terms(
-            *pairs, lambda pw: pw.over_slots(d_logits), lambda pw: pw.over_slots(probs),
-            lambda pw: pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits))
+        pw = pairs()
+        logit_pairs, read_pairs = pw.over_slots(d_logits), pw.over_slots(probs)
+        d_writes = pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits)
         dq = scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
                       + _dot(logit_pairs.astype(dtype), ks))
         _store_rows(dq_ref, blk, dq, heads)
@@ -740,26 +758,52 @@ def _output_grid(q, ks, chunk, config):
     return sub, per_program, specs, (batch, heads // per_program, t_pad // chunk)
 
 
+def _launch_output_kernel(body, name, inputs, in_specs, out_specs, out_shape, *, gates, chunk, sub, specs, grid,
+                          num_slots, config, warps, stages, interpret):
+    """Runs an output kernel `body` over `grid` with its pair terms as `_pair_kernel` gives them: a pass in the
+    factored form, then a pass in the elementwise form that redoes only the chunks `_strong_chunks` flags, writing
+    in place over the first pass's outputs (input_output_aliases), so that neither pass branches between the forms.
+    With config.factored_pairs False (or no slots), one pass in one form. Returns the outputs (a list)."""
+    strong = _strong_chunks(gates, chunk, sub)
+    strong_spec = pl.BlockSpec((None, None, 1), lambda b, h, c: (b, c, specs.kv_head(h)))
+
+    def launch(pairs, previous=()):
+        return pl.pallas_call(
+            _pair_kernel(body, pairs, len(inputs), len(previous)),
+            grid=grid,
+            in_specs=[strong_spec, *in_specs, *out_specs[:len(previous)]],
+            out_specs=out_specs,
+            out_shape=out_shape,
+            input_output_aliases={1 + len(inputs) + i: i for i in range(len(previous))},
+            compiler_params=_compiler_params(warps, stages),
+            interpret=interpret,
+            name=name if pairs != "fallback" else f"{name}_strong_gates",
+        )(strong, *inputs, *previous)
+
+    if not config.factored_pairs:
+        return launch("elementwise")
+    first = launch("factored")
+    return first if num_slots == 0 else launch("fallback", first)
+
+
 def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
              window, num_slots, scale, chunk, config, interpret):
     """Launches _output_kernel over (B, H / S, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, Tp, H] float32."""
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
     sub, _, specs, grid = _output_grid(q, ks, chunk, config)
-    return pl.pallas_call(
+    return _launch_output_kernel(
         functools.partial(_output_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs),
-        grid=grid,
+                          window=window, num_slots=num_slots, scale=scale),
+        "nha_output", (q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run),
         in_specs=[specs.query_chunk(dk), specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
                   specs.kv_chunk(m), specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
                   specs.kv_all(dk), specs.kv_all(dv), specs.runs, specs.runs],
         out_specs=[specs.query_chunk(dv), specs.row_stats],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, heads), jnp.float32)],
-        compiler_params=_compiler_params(config.output_warps, config.output_stages),
-        interpret=interpret,
-        name="nha_output",
-    )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run)
+        gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
+        warps=config.output_warps, stages=config.output_stages, interpret=interpret)
 
 
 def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, *,
@@ -792,11 +836,10 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         state_specs, state_shapes = [query_chunk(m), query_chunk(m)], [per_head(m), per_head(m)]
     window_here = window > 0 and not config.separate_window_dq
     window_specs, window_shapes = ([query_chunk(dk)], [per_head(dk)]) if window_here else ([], [])
-    grads = pl.pallas_call(
+    grads = _launch_output_kernel(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, factored_pairs=config.factored_pairs,
-                          chunk_state_grads=chunk_state_grads),
-        grid=grid,
+                          window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads),
+        "nha_output_backward", (q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta),
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
@@ -804,10 +847,9 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
                    *state_specs, *window_specs],
         out_shape=[per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m), per_program_out(m),
                    *state_shapes, *window_shapes],
-        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
-        interpret=interpret,
-        name="nha_output_backward",
-    )(q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta)
+        gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
+        warps=config.backward_warps, stages=config.backward_stages,
+        interpret=interpret)
     return (*grads[:7], grads[7] if window_here else None)
 
 

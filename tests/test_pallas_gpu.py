@@ -299,9 +299,11 @@ def test_remat_policy_dots_and_attention_keeps_the_forward_kernels_from_running_
         return jnp.sin(out) @ jnp.eye(16)
 
     def live_output_kernels(policy):
+        # The output kernel's second pass (strong-gate chunks, in place over the first): the one whose outputs the
+        # rest of the step reads, so a forward that runs for nothing leaves it dead.
         loss = lambda *args: jnp.sum(jax.checkpoint(block, policy=REMAT_POLICIES[policy])(*args) * ct)
         return live_kernel_calls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_alpha).jaxpr,
-                                 "nha_output")
+                                 "nha_output_strong_gates")
 
     assert live_output_kernels("dots_with_no_batch_dims_saveable") == 2  # forward, and again in the backward
     assert live_output_kernels("dots_and_attention") == 1
