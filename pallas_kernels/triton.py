@@ -1016,7 +1016,7 @@ def _chunks_per_step(num_chunks: int, most: int) -> int:
 def _chunk_scan_kernel(decay_ref, local_ref, init_ref, entering_ref, final_ref, *, num_chunks, decay_axis, unroll):
     """One (batch, kv head, tile of the state): H_{c+1} = decay_c * H_c + L_c over the chunks, elementwise.
 
-    decay [nC, n] the tile's slots' decays; local [nC, r, n] float32; init [r, n] the state entering chunk 0. The
+    decay [nC, n] the tile's slots' decays; local [nC, r, n]; init [r, n] the state entering chunk 0. The
     slots run along the tile's columns (decay_axis 1: H^k [dk, m]) or rows (decay_axis 0: H^v [m, dv]). Outputs
     entering [nC, r, n] (H_c, in its dtype) and final [r, n] (H_nC, float32).
     """
@@ -1028,7 +1028,7 @@ def _chunk_scan_kernel(decay_ref, local_ref, init_ref, entering_ref, final_ref, 
         locals_ = [local_ref[first + u, :, :] for u in range(unroll)]
         for u in range(unroll):
             entering_ref[first + u, :, :] = state.astype(entering_ref.dtype)
-            state = expand(decays[u]) * state + locals_[u]
+            state = expand(decays[u]) * state + locals_[u].astype(jnp.float32)
         return state
 
     final_ref[...] = jax.lax.fori_loop(0, num_chunks // unroll, step, init_ref[...].astype(jnp.float32))
@@ -1041,7 +1041,7 @@ def _chunk_scan_backward_kernel(decay_ref, entering_ref, d_entering_ref, d_final
     gradient of the state entering chunk c is decay_c * D + dH_c (its direct uses).
 
     decay [nC, n]; entering, d_entering [nC, r, n] (H_c and its direct gradient); d_final [r, n] the gradient of
-    H_nC. Outputs float32: d_local [nC, r, n], d_decay [nC, n], d_init [r, n].
+    H_nC. Outputs d_local [nC, r, n] (in its dtype), d_decay [nC, n] and d_init [r, n] float32.
     """
     expand = (lambda d: d[None, :]) if decay_axis == 1 else (lambda d: d[:, None])
 
@@ -1051,7 +1051,7 @@ def _chunk_scan_backward_kernel(decay_ref, entering_ref, d_entering_ref, d_final
         states = [entering_ref[c, :, :].astype(jnp.float32) for c in chunks]
         direct = [d_entering_ref[c, :, :].astype(jnp.float32) for c in chunks]
         for c, decay, state, d_state in zip(chunks, decays, states, direct):
-            d_local_ref[c, :, :] = grad
+            d_local_ref[c, :, :] = grad.astype(d_local_ref.dtype)
             d_decay_ref[c, :] = jnp.sum(grad * state, axis=1 - decay_axis)
             grad = expand(decay) * grad + d_state
         return grad
@@ -1101,9 +1101,10 @@ def _chunk_scan(decay, local, init, decay_axis, state_dtype, config, interpret):
     """The slot states entering every chunk from each chunk's own contribution: H_0 = init,
     H_{c+1} = decay_c * H_c + local_c (the decay broadcast along the slot axis), in one pass.
 
-    decay [B, nC, Hkv, m], local [B, nC, Hkv, dk, m] (decay_axis 1) or [B, nC, Hkv, m, dv] (decay_axis 0) float32,
-    init [B, Hkv, ...] float32. Returns entering [B, nC, Hkv, ...] (H_0 .. H_{nC-1}) in state_dtype and final
-    (H_nC) float32. config: the tuning.TritonConfig (scan_tile, scan_unroll, scan_warps).
+    decay [B, nC, Hkv, m] float32, local [B, nC, Hkv, dk, m] (decay_axis 1) or [B, nC, Hkv, m, dv] (decay_axis 0)
+    in state_dtype (its gradient comes in that dtype too), init [B, Hkv, ...] float32. Returns entering
+    [B, nC, Hkv, ...] (H_0 .. H_{nC-1}) in state_dtype and final (H_nC) float32; the scan itself runs in float32.
+    config: the tuning.TritonConfig (scan_tile, scan_unroll, scan_warps).
     """
     return _chunk_scan_call(decay, local, init, decay_axis, state_dtype, config, interpret)
 
@@ -1125,7 +1126,7 @@ def _chunk_scan_bwd(decay_axis, state_dtype, config, interpret, residuals, cotan
         grid=specs.grid,
         in_specs=[specs.decay, specs.chunks, specs.chunks, specs.state],
         out_specs=[specs.chunks, specs.partial_decay, specs.state],
-        out_shape=[jax.ShapeDtypeStruct(entering.shape, f32),
+        out_shape=[jax.ShapeDtypeStruct(entering.shape, entering.dtype),
                    jax.ShapeDtypeStruct((specs.partials,) + decay.shape, f32),
                    jax.ShapeDtypeStruct(d_final.shape, f32)],
         compiler_params=_compiler_params(config.scan_warps, 1),
@@ -1142,6 +1143,8 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     """The slot states entering each chunk: every chunk's own contribution at once in XLA (batched matmuls over the
     chunks), then `_chunk_scan` over chunks of H_next = decay * H + local (elementwise: no dots in the dependent
     chain). The same values as `_slot_states`; XLA differentiates the matmuls, `_chunk_scan` has its own backward.
+    The contributions (and their gradients) are stored in state_dtype like the states: in bf16 they move half the
+    bytes of float32, which at B = 1, T = 32768, dk = dv = 128 are 537 MB per tensor.
 
     Shapes as `_slot_states`. Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final
     states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
@@ -1156,7 +1159,7 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
                         jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
     weights = (per_chunk(writes) * to_last).astype(ks.dtype)
-    einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype), preferred_element_type=jnp.float32)
+    einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype), preferred_element_type=state_dtype)
     local_k = einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights)
     local_v = einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs))
     state_run = jnp.concatenate([jnp.zeros((batch, 1), run.dtype), last_run[:, :-1]], axis=1)
