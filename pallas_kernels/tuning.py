@@ -26,6 +26,8 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   (removed) and key blocks of 16 lost 8-14% in the output backward. The window dq in its own kernel: at dk = 128
   the output backward fell 2.00 -> 1.57 ms for a 0.26 ms dq pass (S1 fwd+bwd 5.82 -> 5.62, S2 6.57 -> 6.44), at
   NHA-340M's layer 0.87 -> 0.83 ms for 0.05 (a wash), so only the dk = 128 row takes it.
+- Session 10 (2026-11-27): the output kernels lost their per-pair-term lax.conds (a factored pass, then an
+  elementwise pass over strong chunks only); the rows above were tuned with the conds and are not re-tuned since.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -47,8 +49,9 @@ class TritonConfig:
       each owning a slice of dk and dv (capped at dim / 16).
     backward_warps / backward_stages: the same for the two parallel backward kernels (output backward, grid
       B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
-    factored_pairs: compute a sub-block's pair terms as matmuls with factored decays where its gates allow
-      (pallas_kernels.triton._FactoredPairs); False always takes the elementwise [sub, sub, m] block.
+    factored_pairs: compute the pair terms as matmuls with factored decays (pallas_kernels.triton._FactoredPairs),
+      redoing in a second pass of the kernel the chunks whose gates do not allow it; False always takes the
+      elementwise [sub, sub, m] block, in one pass.
     grouped_state_backward_programs: the state backward gives each program a whole GQA group (one kv head's
       state, its query heads' gradients summed in-kernel) when batch x kv heads x state_splits reaches this many
       programs; below it, one program per query head keeps the GPU busier (the chunks run in sequence inside a
