@@ -327,7 +327,8 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
     gates [C, m], writes [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the
     chunk; kr [Tp, dk], v [Tp, dv] the whole (RoPE'd) keys and values of the kv head; seg [Tp] window run ids,
     run [Tp] slot run ids; chunk_index this program's chunk (its program id 2, given by `_pair_kernel`). Outputs o
-    [C, S, dv] and lse [C, S], the float32 log-sum-exp of each row's joint softmax (for the backward). The S heads' rows are stacked (`_per_row`): every dot has R * S rows.
+    [C, S, dv] and lse [C, S], the float32 log-sum-exp of each row's joint softmax (for the backward). The S heads'
+    rows are stacked (`_per_row`): every dot has R * S rows.
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
     state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block are
