@@ -16,7 +16,8 @@ from nha_jax.ops.decode import init_state
 from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import live_kernel_calls, max_rel_err
-from pallas_kernels.triton import _FACTORED_SPAN, _chunk_scan, _prepare, _stacked_heads, nha_attention_triton
+from pallas_kernels.triton import (_FACTORED_SPAN, _chunk_scan, _prepare, _stacked_heads, _strong_chunks,
+                                   nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
@@ -69,16 +70,17 @@ CASES = {
 }
 
 
-def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size):
-    """max over slots of G_base - G_last per (batch, kv head, 16-row sub-block), from the kernels' own gates."""
+def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub=16):
+    """max over slots of G_base - G_last per (batch, kv head, sub-block of `sub` rows), from the kernels' own gates,
+    and the gates."""
     core_args, chunk = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
                                 block_size=block_size)
     gates = core_args[6]  # [B, Tp, Hkv, m] chunk-local cumulative
     batch, t_pad, kv_heads, m = gates.shape
-    last = gates[:, 15::16]  # each sub-block's last row
-    base = jnp.where((jnp.arange(t_pad // 16) * 16 % chunk == 0)[None, :, None, None], 0.0,
+    last = gates[:, sub - 1::sub]  # each sub-block's last row
+    base = jnp.where((jnp.arange(t_pad // sub) * sub % chunk == 0)[None, :, None, None], 0.0,
                      jnp.pad(last, [(0, 0), (1, 0), (0, 0), (0, 0)])[:, :-1])
-    return jnp.max(base - last, axis=-1)
+    return jnp.max(base - last, axis=-1), gates
 
 
 @pytest.mark.parametrize("states", ["sequential", "scan"])
@@ -108,8 +110,15 @@ def _check_against_naive(case, config):
     seg = _segments(batch, seq, cuts)
     if gate_boost > 1:
         runs, positions = runs_and_positions(seg, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-        spans = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size)
+        spans, _ = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size)
         assert float(spans.max()) > _FACTORED_SPAN > float(spans.max(axis=(0, 2))[2]) > 0.5 * _FACTORED_SPAN
+        # Both passes of the output kernels have work: chunks in the factored form and chunks redone elementwise.
+        sub = min(config.sub_block, block_size)
+        spans, gates = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub)
+        strong = _strong_chunks(gates, block_size, sub)
+        assert 0 < int(strong.sum()) < strong.size
+        per_chunk = spans.reshape(batch, -1, block_size // sub, kv_heads).max(axis=2)
+        assert jnp.array_equal(strong, (per_chunk > _FACTORED_SPAN).astype(jnp.int32))
 
     def loss_triton(*xs):
         out = _triton(*xs, seg, window=window, block_size=block_size, config=config)
