@@ -5,7 +5,7 @@ S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=d
 Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
-       [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile]
+       [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile [--top 15]]
 pallas_scan / pallas_sequential force the slot states' XLA scan or sequential kernels (TritonConfig.scan_states);
 pallas:<variant> times the whole op with a --sweep variant's changes (e.g. pallas:chunk32_sub32_stack2), which is how
 variants of the XLA-scan path are compared (the breakdown times the sequential kernels only).
@@ -135,6 +135,9 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "table": {},
     "out_warps4": dict(output_warps=4),
     "bwd_warps4": dict(backward_warps=4),
+    "out_warps8": dict(output_warps=8),
+    "window_warps4": dict(window_warps=4),
+    "window_warps8": dict(window_warps=8),
     "bwd_stages1": dict(backward_stages=1),
     "bwd_stages3": dict(backward_stages=3),
     "key_block64": dict(key_block=64),
@@ -142,6 +145,8 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "stages1": dict(output_stages=1, state_stages=1),
     "stages3": dict(output_stages=3, state_stages=3),
     "state_warps4": dict(state_warps=4),
+    "state_stages1": dict(state_stages=1),
+    "state_stages3": dict(state_stages=3),
     "state_split1": dict(state_splits=1),
     "state_split2": dict(state_splits=2),
     "state_split4": dict(state_splits=4),
@@ -250,6 +255,7 @@ def main():
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
     parser.add_argument("--profile", action="store_true", help="per-kernel device time of each fwd+bwd")
+    parser.add_argument("--top", type=int, default=15, help="kernels --profile lists per impl and shape")
     parser.add_argument("--once", action="store_true", help="one Pallas fwd+bwd at the first shape, then exit")
     parser.add_argument("--dims", default=None, help="H,Hkv,d,m,W for the breakdown and timings "
                         "(default 16,16,128,64,64; NHA-340M's layers: 16,4,64,64,32)")
@@ -304,7 +310,7 @@ def main():
             table.append((shape, name, *cells, flops, bytes_moved))
             print(f"{shape} {name}: fwd {cells[0]:.3f} ms, fwd+bwd {cells[1]:.3f} ms", flush=True)
             if args.profile:
-                print_kernel_table(f"{shape} {name} fwd+bwd", kernel_table(fwd_bwd, (q, k, v, la)))
+                print_kernel_table(f"{shape} {name} fwd+bwd", kernel_table(fwd_bwd, (q, k, v, la), top=args.top))
     print(f"\n{'shape':5s} {'impl':16s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} {'fwd TB/s':>9s}")
     for shape, name, fwd_ms, fb_ms, flops, bytes_moved in table:
         batch, seq = SHAPES[shape]

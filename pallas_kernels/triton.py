@@ -427,9 +427,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
     sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
     (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
-    window branch's (else `_window_dq_kernel` gives it). Summed over the S heads (float32): dks [C, dk], dvs [C,
-    dv], dwrites [C, m], dgates [C, m] through the pairs inside each sub-block and the decay of the state entering
-    it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a,
+    window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
+    dtype), dwrites [C, m], dgates [C, m] (float32) through the pairs inside each sub-block and the decay of the
+    state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a,
     dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs' dtype), which
     `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the scan path), as
     the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so that neither the
@@ -483,8 +483,8 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         dq = scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
                       + _dot(logit_pairs.astype(dtype), ks))
         _store_rows(dq_ref, blk, dq, heads)
-        dks_ref[blk, :] = scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)
-        dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True)
+        dks_ref[blk, :] = (scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)).astype(dks_ref.dtype)
+        dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True).astype(dvs_ref.dtype)
         if chunk_state_grads:  # sub == chunk: the state entering the sub-block is the chunk's
             state_k_ref[...] = _dot(q, (scale * d_logits * inter).astype(dtype), trans_a=True).astype(state_k_ref.dtype)
             state_v_ref[...] = _dot((probs * inter).astype(dtype), d_out, trans_a=True).astype(state_v_ref.dtype)
@@ -567,9 +567,9 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
     hv [nC, m, dv] the forward's states entering each chunk; dhk_last [dk, m], dhv_last [m, dv] the gradient of
     the final state. Carries dH^k, dH^v (gradient of the state leaving a sub-block) from the last sub-block to the
     first, in the forward's sub-blocks: H_next = decay * H + (writes * to_last)^T @ (ks | vs), and each sub-block's
-    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs,
-    float32: dks [Tp, dk], dvs [Tp, dv]; dwrites, dgates [Tp, m] (partial sums over this program's dk/dv slice);
-    dhk0 [dk, m], dhv0 [m, dv].
+    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs:
+    dks [Tp, dk], dvs [Tp, dv] in the inputs' dtype; float32 dwrites, dgates [Tp, m] (partial sums over this
+    program's dk/dv slice), dhk0 [dk, m], dhv0 [m, dv].
     """
     dtype = ks_ref.dtype
     m_pad = gates_ref.shape[-1]
@@ -603,8 +603,8 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
             writes = writes_ref[rows, :]
             weights = writes * to_last
             dhk_c, dhv_c = dhk.astype(dtype), dhv.astype(dtype)
-            dks_ref[rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True)
-            dvs_ref[rows, :] = _dot(weights.astype(dtype), dhv_c)
+            dks_ref[rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True).astype(dks_ref.dtype)
+            dvs_ref[rows, :] = _dot(weights.astype(dtype), dhv_c).astype(dvs_ref.dtype)
             d_weights = _dot(ks_ref[rows, :], dhk_c) + _dot(vs_ref[rows, :], dhv_c, trans_b=True)  # [sub, m]
             decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
             weight_gates = d_weights * weights
@@ -633,7 +633,7 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
     qr [Tp, S, dk], do [Tp, S, dv], lse, delta [Tp, S] these heads' rotated queries, output gradients and row
     statistics; seg [Tp] window run ids; kr [K, dk], v [K, dv] this block's keys and values. Walks the query blocks
     that can see the keys (t in [j, j + W)), the S heads' queries stacked as in the output kernels. Outputs dkr
-    [K, dk], dv [K, dv] float32, summed over the S heads.
+    [K, dk], dv [K, dv] in the inputs' dtype, summed over the S heads (in float32).
     """
     heads = _heads_of(qr_ref)
     kb = pl.program_id(2)
@@ -661,8 +661,8 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
     last = jnp.minimum(j0 + key_block + window - 2, t_pad - 1) // query_block
     init = (jnp.zeros(dkr_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(first, last + 1, query_step, init)
-    dkr_ref[...] = scale * dk
-    dv_ref[...] = dv
+    dkr_ref[...] = (scale * dk).astype(dkr_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -814,8 +814,9 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     [B, Tp, H].
 
     Returns (dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
-    them to it anyway), dq [B, Tp, H, dk]; per program, float32 (summed over its S query heads; the launcher sums the
-    rest of each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv], dwrites, dgates [B, Tp, H / S, m]; the
+    them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
+    each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dwrites, dgates [B, Tp, H / S, m]
+    float32 (they feed the gates' cumulative sums); the
     state's share (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with
     chunk_state_grads the gradients of the states entering each chunk per program, dhk [B, nC, H / S, dk, m] and
     dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq [B, Tp, H, dk] in q.dtype, None when W = 0 or
@@ -826,7 +827,8 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     sub, per_program, specs, grid = _output_grid(q, ks, chunk, config)
     query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
-    per_program_out = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, width), jnp.float32)
+    per_program_out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program,
+                                                                             width), dtype)
     if chunk_state_grads:
         if sub != chunk:
             raise ValueError(f"chunk_state_grads needs one sub-block per chunk, got sub-blocks of {sub} in {chunk}")
@@ -847,7 +849,8 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
         out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), program_chunk(m),
                    *state_specs, *window_specs],
-        out_shape=[per_head(dk), per_program_out(dk), per_program_out(dv), per_program_out(m), per_program_out(m),
+        out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
+                   per_program_out(m),
                    *state_shapes, *window_shapes],
         gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.backward_warps, stages=config.backward_stages,
@@ -867,7 +870,7 @@ def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, confi
                   specs.kv_all(dk), specs.kv_all(dv)],
         out_specs=specs.query_chunk(dk),
         out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
-        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
+        compiler_params=_compiler_params(config.window_warps, config.backward_stages),
         interpret=interpret,
         name="nha_window_dq",
     )(qr, d_out, lse, delta, seg, kr, v)
@@ -892,8 +895,8 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
     An owner is a kv head when `_heads_per_state_program` takes the whole GQA group, else a query head.
     q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
     the forward's states entering each chunk [B, nC, Hkv, ...]; dhk_last [B, owners, dk, m], dhv_last
-    [B, owners, m, dv] the final-state gradient given to each owner. Returns float32 per owner: dks
-    [B, Tp, owners, dk], dvs [B, Tp, owners, dv], dwrites and dgates [splits, B, Tp, owners, m] (sum over axis 0),
+    [B, owners, m, dv] the final-state gradient given to each owner. Returns per owner: dks [B, Tp, owners, dk],
+    dvs [B, Tp, owners, dv] in ks.dtype; float32 dwrites and dgates [splits, B, Tp, owners, m] (sum over axis 0),
     dhk0 [B, owners, dk, m], dhv0 [B, owners, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
@@ -940,8 +943,8 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
                   owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
         out_specs=[owner_tokens(dk_part, True), owner_tokens(dv_part, True), partial, partial,
                    owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), f32),
-                   jax.ShapeDtypeStruct((batch, t_pad, owners, dv), f32),
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), ks.dtype),
+                   jax.ShapeDtypeStruct((batch, t_pad, owners, dv), ks.dtype),
                    jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
                    jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
                    jax.ShapeDtypeStruct((batch, owners, dk, m), f32),
@@ -954,7 +957,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
 
 def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
     """Launches _window_backward_kernel over (B, H / S, Tp / key block), S query heads of one GQA group per program
-    (as the output kernels stack them): dkr [B, Tp, H / S, dk], dv [B, Tp, H / S, dv] float32 (the launcher sums
+    (as the output kernels stack them): dkr [B, Tp, H / S, dk], dv [B, Tp, H / S, dv] in kr.dtype (the launcher sums
     the rest of each GQA group)."""
     batch, t_pad, heads, dk = qr.shape
     kv_heads, dv = kr.shape[2], v.shape[3]
@@ -978,9 +981,9 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
         in_specs=[heads_all(dk), heads_all(dv), heads_all(), heads_all(),
                   pl.BlockSpec((None, t_pad), lambda b, h, kb: (b, 0)), kv_block(dk), kv_block(dv)],
         out_specs=[out_block(dk), out_block(dv)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dk), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dv), jnp.float32)],
-        compiler_params=_compiler_params(config.backward_warps, config.backward_stages),
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dk), kr.dtype),
+                   jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dv), kr.dtype)],
+        compiler_params=_compiler_params(config.window_warps, config.backward_stages),
         interpret=interpret,
         name="nha_window_backward",
     )(qr, d_out, lse, delta, seg, kr, v)
@@ -1178,7 +1181,8 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
 
     Returns d_out in q.dtype; (dq, dqr, dks, dvs, dwrites, dgates, and a, p or with chunk_state_grads dhk, dhv) as
     `_output_backward` gives them, with dqr [B, Tp, H, dk] in qr.dtype (zeros when W = 0); and the window's dkr
-    [B, Tp, N, dk], dv [B, Tp, N, dv] float32 (N a multiple of Hkv: `_group_sum` finishes them; zeros when W = 0).
+    [B, Tp, N, dk], dv [B, Tp, N, dv] in kr.dtype (N a multiple of Hkv: `_group_sum` finishes them; zeros when
+    W = 0).
     """
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
@@ -1195,14 +1199,14 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)
     else:
-        dkr, dv = jnp.zeros(kr.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        dkr, dv = jnp.zeros(kr.shape, kr.dtype), jnp.zeros(v.shape, kr.dtype)
     return d_out, output_grads, dkr, dv
 
 
 def _group_sum(x, kv_heads):
-    """Per query head (or per block of a group's query heads) [B, T, N, ...] -> per kv head [B, T, Hkv, ...]
-    (GQA groups are consecutive heads; N a multiple of Hkv; T tokens or chunks)."""
-    owners = x.shape[2]
+    """Per query head (or per block of a group's query heads) [B, T, N, ...] -> per kv head [B, T, Hkv, ...] in
+    float32 (GQA groups are consecutive heads; N a multiple of Hkv; T tokens or chunks)."""
+    owners, x = x.shape[2], x.astype(jnp.float32)
     if owners == kv_heads:
         return x
     return x.reshape(x.shape[:2] + (kv_heads, owners // kv_heads) + x.shape[3:]).sum(axis=3)
@@ -1308,7 +1312,7 @@ def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, r
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=True)
     group_sum = functools.partial(_group_sum, kv_heads=ks.shape[2])
-    state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x.astype(jnp.float32)).astype(x.dtype)
+    state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x).astype(x.dtype)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
             group_sum(dwrites), state_sum(dhk), state_sum(dhv), None, None)

@@ -27,7 +27,15 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   the output backward fell 2.00 -> 1.57 ms for a 0.26 ms dq pass (S1 fwd+bwd 5.82 -> 5.62, S2 6.57 -> 6.44), at
   NHA-340M's layer 0.87 -> 0.83 ms for 0.05 (a wash), so only the dk = 128 row takes it.
 - Session 10 (2026-11-27): the output kernels lost their per-pair-term lax.conds (a factored pass, then an
-  elementwise pass over strong chunks only); the rows above were tuned with the conds and are not re-tuned since.
+  elementwise pass over strong chunks only).
+- Session 11 (2026-11-27, without the conds, dk = 128, B = 8, T = 2048): the output kernel at 4 warps 0.445 ms
+  against 0.767 at 8; the window dk/dv and dq kernels at 4 warps 0.213 and 0.144 ms against 0.314 and 0.257, while
+  the output backward stays at 8 (0.844 ms at 4 against 0.816); the window dq inside the output backward still loses
+  (1.123 ms against 0.816 + 0.257). The state backward at 8 warps, 1 split: 0.75 ms against 1.33 at 4 warps and
+  0.87 with 2 splits; with 8 splits the whole op went 3.8 -> 6.5 ms (S1) and 4.8 -> 6.1 ms (B = 2, T = 8192, where
+  the table's 4 splits stay). Three state stages: state backward 0.70 against 0.75 ms at B = 8, T = 2048, not taken
+  (not measured at B = 2). The XLA-scan state path at B = 2, T = 8192: 4.74 against 4.82 ms wall, 4.36 against 4.39
+  ms of device time, a tie, so it stays with the sequential kernels there.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -47,8 +55,9 @@ class TritonConfig:
     state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv x state_splits, sequential over
       chunks) and its reverse in the backward (grid B x H x state_splits); state_splits: programs per (batch, head),
       each owning a slice of dk and dv (capped at dim / 16).
-    backward_warps / backward_stages: the same for the two parallel backward kernels (output backward, grid
-      B x H x T/chunk; window dk/dv, grid B x H x T/key_block).
+    backward_warps / backward_stages: the same for the parallel backward kernels (output backward, grid
+      B x H x T/chunk; window dk/dv, grid B x H x T/key_block; window dq); window_warps replaces backward_warps
+      for the window dk/dv and window dq kernels (fewer live tiles than the output backward).
     factored_pairs: compute the pair terms as matmuls with factored decays (pallas_kernels.triton._FactoredPairs),
       redoing in a second pass of the kernel the chunks whose gates do not allow it; False always takes the
       elementwise [sub, sub, m] block, in one pass.
@@ -85,6 +94,7 @@ class TritonConfig:
     state_splits: int
     backward_warps: int
     backward_stages: int
+    window_warps: int
     factored_pairs: bool = True
     grouped_state_backward_programs: int = 128
     scan_states: bool = False
@@ -100,13 +110,13 @@ class TritonConfig:
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
     (64, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=4, output_stages=2,
                       state_warps=4, state_stages=2, state_splits=1,
-                      backward_warps=4, backward_stages=2, stacked_rows=64)),
-    (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=8, output_stages=2,
+                      backward_warps=4, backward_stages=2, window_warps=4, stacked_rows=64)),
+    (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=4, output_stages=2,
                        state_warps=8, state_stages=2, state_splits=1,
-                       backward_warps=8, backward_stages=2, separate_window_dq=True)),
+                       backward_warps=8, backward_stages=2, window_warps=4, separate_window_dq=True)),
     (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,
                            state_warps=8, state_stages=1, state_splits=1,
-                           backward_warps=8, backward_stages=1)),
+                           backward_warps=8, backward_stages=1, window_warps=8)),
 )
 # Below this many (batch, kv head) pairs the state kernel alone leaves most of an H100's 132 SMs idle.
 _FEW_STATE_PROGRAMS = 64
