@@ -429,11 +429,11 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
     window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
     dtype), dwrites [C, m], dgates [C, m] (float32) through the pairs inside each sub-block and the decay of the
-    state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a,
-    dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs' dtype), which
-    `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the scan path), as
-    the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so that neither the
-    factors nor the queries go through HBM again.
+    state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter
+    (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs'
+    dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
+    scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so
+    that neither the factors nor the queries go through HBM again.
     """
     heads = _heads_of(q_ref)
     c = chunk_index
@@ -816,11 +816,10 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     Returns (dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
     them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
     each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dwrites, dgates [B, Tp, H / S, m]
-    float32 (they feed the gates' cumulative sums); the
-    state's share (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with
-    chunk_state_grads the gradients of the states entering each chunk per program, dhk [B, nC, H / S, dk, m] and
-    dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq [B, Tp, H, dk] in q.dtype, None when W = 0 or
-    config.separate_window_dq (`_window_dq` then).
+    float32 (they feed the gates' cumulative sums); the state's share (see the kernel): a, p [B, Tp, H, m] in
+    q.dtype (the state backward's dot operands), or with chunk_state_grads the gradients of the states entering each
+    chunk per program, dhk [B, nC, H / S, dk, m] and dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq
+    [B, Tp, H, dk] in q.dtype, None when W = 0 or config.separate_window_dq (`_window_dq` then).
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
@@ -850,8 +849,7 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), program_chunk(m),
                    *state_specs, *window_specs],
         out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
-                   per_program_out(m),
-                   *state_shapes, *window_shapes],
+                   per_program_out(m), *state_shapes, *window_shapes],
         gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.backward_warps, stages=config.backward_stages,
         interpret=interpret)
