@@ -146,6 +146,7 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "stages3": dict(output_stages=3, state_stages=3),
     "state_warps4": dict(state_warps=4),
     "state_stages1": dict(state_stages=1),
+    "state_stages2": dict(state_stages=2),
     "state_stages3": dict(state_stages=3),
     "state_split1": dict(state_splits=1),
     "state_split2": dict(state_splits=2),

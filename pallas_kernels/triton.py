@@ -17,13 +17,14 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   pass of the kernel redoes that chunk in place with an elementwise [R, R, m] block whose gate exponents are all
   <= 0 (`_launch_output_kernel`); both output kernels run this way.
 - The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
-  rest in three kernels: `_output_backward_kernel`, grid (B, H / S, T/C) like the output kernel, recomputes the
-  joint softmax from the saved lse and gives dq, the window dq, the pair-block gradients of the shifted
-  keys/values, write strengths and gates (summed over its S heads), and the per-row factors of the state gradient;
-  `_state_backward_kernel`, grid (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying
-  dH^k/dH^v and gives the gradients through the state hand-over; `_window_backward_kernel`, grid (B, H / S, key
-  blocks), gives the window dk/dv without atomics. XLA sums what is left of each GQA group. With
-  TritonConfig.separate_window_dq the window dq comes from `_window_dq_kernel`, a pass of its own.
+  rest: `_output_backward_kernel`, grid (B, H / S, T/C) like the output kernel, recomputes the joint softmax from
+  the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values, write strengths
+  and gates (summed over its S heads), and the per-row factors of the state gradient; `_state_grad_kernel`, grid
+  (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying only dH^k/dH^v and stores the gradient of
+  the state leaving each chunk; `_state_backward_kernel`, grid (B, H or Hkv, chunks), parallel, gives the gradients
+  through the state hand-over from it; `_window_backward_kernel`, grid (B, H / S, key blocks), gives the window
+  dk/dv without atomics. XLA sums what is left of each GQA group. With TritonConfig.separate_window_dq the window
+  dq comes from `_window_dq_kernel`, a pass of its own.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
   give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA, then `_chunk_scan`, an
   elementwise scan kernel over chunks with its own reverse kernel) and `_core_given_states`, whose output backward
@@ -555,74 +556,99 @@ def _window_dq_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref
     _store_rows(dqr_ref, blk, dqr, heads)
 
 
-def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
-                           hk_ref, hv_ref, dhk_last_ref, dhv_last_ref,
-                           dks_ref, dvs_ref, dwrites_ref, dgates_ref, dhk0_ref, dhv0_ref, *, chunk, sub, num_chunks):
-    """Reverse-in-time slot-state gradient for one (batch, group of query heads sharing a kv head, slice of dk and
-    dv).
+def _sub_block_handover(gates_ref, run_ref, c0, r0, sub):
+    """Rows, to_last and decay (`_handover`) of sub-block r0 of the chunk starting at c0, from the whole sequence's
+    gates_ref [Tp, m] and run_ref [Tp]."""
+    rows = pl.ds(c0 + r0, sub)
+    base = gates_ref[c0 + r0 - 1, :] if r0 > 0 else jnp.zeros((gates_ref.shape[-1],), jnp.float32)
+    state_run = run_ref[jnp.maximum(c0 + r0 - 1, 0)] if r0 > 0 else jnp.where(
+        c0 > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
+    to_last, decay = _handover(gates_ref[rows, :], run_ref[rows], state_run, run_ref[c0 + r0 + sub - 1],
+                               gates_ref[c0 + r0 + sub - 1, :], base)
+    return rows, to_last, decay
 
-    q [Tp, G, dk], do [Tp, G, dv] the group's queries and output gradients; a, p [Tp, G, m] from
-    `_output_backward_kernel` (G = heads per program: the whole GQA group, or 1);
-    ks [Tp, dk], vs [Tp, dv], gates, writes [Tp, m], run [Tp] the kv head's shifted slot inputs; hk [nC, dk, m],
-    hv [nC, m, dv] the forward's states entering each chunk; dhk_last [dk, m], dhv_last [m, dv] the gradient of
-    the final state. Carries dH^k, dH^v (gradient of the state leaving a sub-block) from the last sub-block to the
-    first, in the forward's sub-blocks: H_next = decay * H + (writes * to_last)^T @ (ks | vs), and each sub-block's
-    queries (of every head in the group) add q^T a, p^T do to the gradient of the state entering it. Outputs:
-    dks [Tp, dk], dvs [Tp, dv] in the inputs' dtype; float32 dwrites, dgates [Tp, m] (partial sums over this
-    program's dk/dv slice), dhk0 [dk, m], dhv0 [m, dv].
+
+def _add_query_state_grads(dhk, dhv, q_ref, do_ref, a_ref, p_ref, rows):
+    """dH^k += q^T a, dH^v += p^T do over `rows` of every query head of the program (the gradient that the rows'
+    slot logits and slot reads give the state entering their sub-block). q, do [Tp, G, d]; a, p [Tp, G, m]."""
+    dtype = q_ref.dtype
+    for h in range(q_ref.shape[1]):
+        dhk += _dot(q_ref[rows, h, :], a_ref[rows, h, :].astype(dtype), trans_a=True)
+        dhv += _dot(p_ref[rows, h, :].astype(dtype), do_ref[rows, h, :], trans_a=True)
+    return dhk, dhv
+
+
+def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, gates_ref, run_ref, dhk_last_ref, dhv_last_ref,
+                       dhk_ref, dhv_ref, dhk0_ref, dhv0_ref, *, chunk, sub, num_chunks):
+    """The gradient of the slot state leaving every chunk, for one (batch, owner, slice of dk and dv): the reverse of
+    `_state_kernel`, carrying only dH^k, dH^v from the last sub-block to the first.
+
+    q [Tp, G, dk], do [Tp, G, dv]; a, p [Tp, G, m] from `_output_backward_kernel` (G = query heads per program);
+    gates [Tp, m], run [Tp] the kv head's; dhk_last [dk, m], dhv_last [m, dv] the gradient of the final state.
+    Per sub-block, backwards: dH <- decay * dH + q^T a (and p^T do), whose dots do not depend on the carry. Outputs
+    dhk [nC, dk, m], dhv [nC, m, dv] (the state leaving chunk c, in the chunk states' dtype: they feed
+    `_state_backward_kernel`'s dots) and float32 dhk0, dhv0 (the initial state's).
     """
-    dtype = ks_ref.dtype
-    m_pad = gates_ref.shape[-1]
-    last_row = (jnp.arange(sub) == sub - 1)[:, None]
-
-    def block_inputs(c0, r0):
-        """Gates, run ids and hand-over of sub-block r0 of the chunk starting at c0."""
-        rows = pl.ds(c0 + r0, sub)
-        gates, runs = gates_ref[rows, :], run_ref[rows]
-        base = gates_ref[c0 + r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
-        state_run = run_ref[jnp.maximum(c0 + r0 - 1, 0)] if r0 > 0 else jnp.where(
-            c0 > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
-        to_last, decay = _handover(gates, runs, state_run, run_ref[c0 + r0 + sub - 1],
-                                   gates_ref[c0 + r0 + sub - 1, :], base)
-        return rows, to_last, decay
 
     def body(i, carry):
         dhk, dhv = carry
         c = num_chunks - 1 - i
-        c0 = c * chunk
-        pending_base = None
+        dhk_ref[c, :, :] = dhk.astype(dhk_ref.dtype)
+        dhv_ref[c, :, :] = dhv.astype(dhv_ref.dtype)
         for r0 in reversed(range(0, chunk, sub)):
-            # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
-            hk, hv = hk_ref[c, :, :].astype(jnp.float32), hv_ref[c, :, :].astype(jnp.float32)
-            for earlier in range(0, r0, sub):
-                rows, to_last, decay = block_inputs(c0, earlier)
-                weights = (writes_ref[rows, :] * to_last).astype(dtype)
-                hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
-                hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
-            rows, to_last, decay = block_inputs(c0, r0)
-            writes = writes_ref[rows, :]
-            weights = writes * to_last
-            dhk_c, dhv_c = dhk.astype(dtype), dhv.astype(dtype)
-            dks_ref[rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True).astype(dks_ref.dtype)
-            dvs_ref[rows, :] = _dot(weights.astype(dtype), dhv_c).astype(dvs_ref.dtype)
-            d_weights = _dot(ks_ref[rows, :], dhk_c) + _dot(vs_ref[rows, :], dhv_c, trans_b=True)  # [sub, m]
-            decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
-            weight_gates = d_weights * weights
-            last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
-            if pending_base is not None:
-                last_grad += pending_base  # this row is the base of the sub-block after it
-            dwrites_ref[rows, :] = d_weights * to_last
-            dgates_ref[rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
-            pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
-            dhk, dhv = dhk * decay[None, :], dhv * decay[:, None]
-            for h in range(q_ref.shape[1]):
-                dhk += _dot(q_ref[rows, h, :], a_ref[rows, h, :].astype(dtype), trans_a=True)
-                dhv += _dot(p_ref[rows, h, :].astype(dtype), do_ref[rows, h, :], trans_a=True)
+            rows, _, decay = _sub_block_handover(gates_ref, run_ref, c * chunk, r0, sub)
+            dhk, dhv = _add_query_state_grads(dhk * decay[None, :], dhv * decay[:, None], q_ref, do_ref, a_ref,
+                                              p_ref, rows)
         return dhk, dhv
 
     dhk, dhv = jax.lax.fori_loop(0, num_chunks, body, (dhk_last_ref[...], dhv_last_ref[...]))
     dhk0_ref[...] = dhk
     dhv0_ref[...] = dhv
+
+
+def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
+                           hk_ref, hv_ref, dhk_ref, dhv_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, *, chunk, sub):
+    """The gradients through the slot-state hand-over of one (batch, owner, chunk), given the gradient of the state
+    leaving the chunk (`_state_grad_kernel`): parallel over chunks.
+
+    q, do, a, p [Tp, G, ...], ks [Tp, dk], vs [Tp, dv], gates, writes [Tp, m], run [Tp] as `_state_grad_kernel`
+    and the forward; hk [dk, m], hv [m, dv] the forward's state entering the chunk; dhk [dk, m], dhv [m, dv] the
+    gradient of the state leaving it. Walks the forward's sub-blocks last to first (H_next = decay * H +
+    (writes * to_last)^T @ (ks | vs)), recomputing the state at inner sub-block boundaries and carrying dH back
+    over them. Outputs the chunk's dks [C, dk], dvs [C, dv] (inputs' dtype) and float32 dwrites, dgates [C, m].
+    q, do, a, p are read only with several sub-blocks per chunk.
+    """
+    dtype = ks_ref.dtype
+    c0 = pl.program_id(2) * chunk
+    last_row = (jnp.arange(sub) == sub - 1)[:, None]
+    dhk, dhv = dhk_ref[...].astype(jnp.float32), dhv_ref[...].astype(jnp.float32)
+    pending_base = None
+    for r0 in reversed(range(0, chunk, sub)):
+        # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
+        hk, hv = hk_ref[...].astype(jnp.float32), hv_ref[...].astype(jnp.float32)
+        for earlier in range(0, r0, sub):
+            rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, earlier, sub)
+            weights = (writes_ref[rows, :] * to_last).astype(dtype)
+            hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
+            hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
+        rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, r0, sub)
+        weights = writes_ref[rows, :] * to_last
+        dhk_c, dhv_c = dhk.astype(dtype), dhv.astype(dtype)
+        out_rows = pl.ds(r0, sub)
+        dks_ref[out_rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True).astype(dks_ref.dtype)
+        dvs_ref[out_rows, :] = _dot(weights.astype(dtype), dhv_c).astype(dvs_ref.dtype)
+        d_weights = _dot(ks_ref[rows, :], dhk_c) + _dot(vs_ref[rows, :], dhv_c, trans_b=True)  # [sub, m]
+        decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
+        weight_gates = d_weights * weights
+        last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
+        if pending_base is not None:
+            last_grad += pending_base  # this row is the base of the sub-block after it
+        dwrites_ref[out_rows, :] = d_weights * to_last
+        dgates_ref[out_rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
+        pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
+        if r0 > 0:
+            dhk, dhv = _add_query_state_grads(dhk * decay[None, :], dhv * decay[:, None], q_ref, do_ref, a_ref,
+                                              p_ref, rows)
 
 
 def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dkr_ref, dv_ref, *,
@@ -888,39 +914,41 @@ def _state_splits(dk, dv, config):
 
 def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last, *,
                     chunk, config, interpret):
-    """Launches _state_backward_kernel over (B, owners, splits of dk and dv), sequential over chunks (last first).
+    """The gradients through the slot-state recurrence in two launches: `_state_grad_kernel` over (B, owners,
+    splits of dk and dv), sequential over chunks (last first), gives the gradient of the state leaving each chunk;
+    `_state_backward_kernel` over (B, owners, chunks), parallel, gives the rest from it.
 
     An owner is a kv head when `_heads_per_state_program` takes the whole GQA group, else a query head.
     q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
     the forward's states entering each chunk [B, nC, Hkv, ...]; dhk_last [B, owners, dk, m], dhv_last
     [B, owners, m, dv] the final-state gradient given to each owner. Returns per owner: dks [B, Tp, owners, dk],
-    dvs [B, Tp, owners, dv] in ks.dtype; float32 dwrites and dgates [splits, B, Tp, owners, m] (sum over axis 0),
-    dhk0 [B, owners, dk, m], dhv0 [B, owners, m, dv].
+    dvs [B, Tp, owners, dv] in ks.dtype; float32 dwrites and dgates [B, Tp, owners, m], dhk0 [B, owners, dk, m],
+    dhv0 [B, owners, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
     group = heads // kv_heads
     num_chunks = t_pad // chunk
+    sub = min(config.sub_block, chunk)
     splits = _state_splits(dk, dv, config)
     dk_part, dv_part = dk // splits, dv // splits
     per_program = _heads_per_state_program(group, batch * kv_heads * splits, config)
     owners = heads // per_program
+    f32 = jnp.float32
+    params = _compiler_params(config.state_warps, config.state_stages)
 
     def kv_head(o):
         return o * per_program // group
 
-    def head_tokens(width, split):  # the owner's query heads
+    def head_tokens(width, split=False):  # the owner's query heads, all tokens
         return pl.BlockSpec((None, t_pad, per_program, width), lambda b, o, i: (b, 0, o, i if split else 0))
 
-    def owner_tokens(width, split):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, o, i if split else 0))
+    def kv_tokens(width):
+        return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, kv_head(o), 0))
 
-    def kv_tokens(width, split):
-        return pl.BlockSpec((None, t_pad, None, width), lambda b, o, i: (b, 0, kv_head(o), i if split else 0))
-
-    def kv_chunk_states(*shape, split_axis):  # [B, nC, Hkv, *shape], all chunks, shape's split_axis sliced
+    def owner_states(*shape, split_axis):  # [B, nC, owners, *shape], all chunks, shape's split_axis sliced
         def index(b, o, i):
-            return (b, 0, kv_head(o)) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
+            return (b, 0, o) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
         return pl.BlockSpec((None, num_chunks, None, *shape), index)
 
     def owner_state(*shape, split_axis):
@@ -928,29 +956,48 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
             return (b, o) + tuple(i if axis == split_axis else 0 for axis in range(len(shape)))
         return pl.BlockSpec((None, None, *shape), index)
 
-    partial = pl.BlockSpec((None, None, t_pad, None, m), lambda b, o, i: (i, b, 0, o, 0))
-    f32 = jnp.float32
-    return pl.pallas_call(
-        functools.partial(_state_backward_kernel, chunk=chunk, sub=min(config.sub_block, chunk),
-                          num_chunks=num_chunks),
+    runs = pl.BlockSpec((None, t_pad), lambda b, o, i: (b, 0))
+    dhk, dhv, dhk0, dhv0 = pl.pallas_call(
+        functools.partial(_state_grad_kernel, chunk=chunk, sub=sub, num_chunks=num_chunks),
         grid=(batch, owners, splits),
-        in_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), head_tokens(m, False),
-                  head_tokens(m, False), kv_tokens(dk_part, True), kv_tokens(dv_part, True), kv_tokens(m, False),
-                  kv_tokens(m, False), pl.BlockSpec((None, t_pad), lambda b, o, i: (b, 0)),
-                  kv_chunk_states(dk_part, m, split_axis=0), kv_chunk_states(m, dv_part, split_axis=1),
-                  owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
-        out_specs=[owner_tokens(dk_part, True), owner_tokens(dv_part, True), partial, partial,
+        in_specs=[head_tokens(dk_part, True), head_tokens(dv_part, True), head_tokens(m), head_tokens(m),
+                  kv_tokens(m), runs, owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
+        out_specs=[owner_states(dk_part, m, split_axis=0), owner_states(m, dv_part, split_axis=1),
                    owner_state(dk_part, m, split_axis=0), owner_state(m, dv_part, split_axis=1)],
-        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), ks.dtype),
-                   jax.ShapeDtypeStruct((batch, t_pad, owners, dv), ks.dtype),
-                   jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
-                   jax.ShapeDtypeStruct((splits, batch, t_pad, owners, m), f32),
+        out_shape=[jax.ShapeDtypeStruct((batch, num_chunks, owners, dk, m), hk.dtype),
+                   jax.ShapeDtypeStruct((batch, num_chunks, owners, m, dv), hk.dtype),
                    jax.ShapeDtypeStruct((batch, owners, dk, m), f32),
                    jax.ShapeDtypeStruct((batch, owners, m, dv), f32)],
-        compiler_params=_compiler_params(config.state_warps, config.state_stages),
+        compiler_params=params,
+        interpret=interpret,
+        name="nha_state_grad",
+    )(q, d_out, a, p, gates, run, dhk_last, dhv_last)
+
+    def chunk_state(owner_axis):  # [B, nC, owners or Hkv, *shape]: this program's chunk
+        def spec(*shape):
+            return pl.BlockSpec((None, None, None, *shape),
+                                lambda b, o, c: (b, c, owner_axis(o)) + (0,) * len(shape))
+        return spec
+
+    def owner_rows(width):
+        return pl.BlockSpec((None, chunk, None, width), lambda b, o, c: (b, c, o, 0))
+
+    dks, dvs, dwrites, dgates = pl.pallas_call(
+        functools.partial(_state_backward_kernel, chunk=chunk, sub=sub),
+        grid=(batch, owners, num_chunks),
+        in_specs=[head_tokens(dk), head_tokens(dv), head_tokens(m), head_tokens(m), kv_tokens(dk), kv_tokens(dv),
+                  kv_tokens(m), kv_tokens(m), runs, chunk_state(kv_head)(dk, m), chunk_state(kv_head)(m, dv),
+                  chunk_state(lambda o: o)(dk, m), chunk_state(lambda o: o)(m, dv)],
+        out_specs=[owner_rows(dk), owner_rows(dv), owner_rows(m), owner_rows(m)],
+        out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), ks.dtype),
+                   jax.ShapeDtypeStruct((batch, t_pad, owners, dv), ks.dtype),
+                   jax.ShapeDtypeStruct((batch, t_pad, owners, m), f32),
+                   jax.ShapeDtypeStruct((batch, t_pad, owners, m), f32)],
+        compiler_params=params,
         interpret=interpret,
         name="nha_state_backward",
-    )(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last)
+    )(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk, dhv)
+    return dks, dvs, dwrites, dgates, dhk0, dhv0
 
 
 def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
@@ -1271,8 +1318,8 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cot
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             (group_sum(dks) + owners_to_kv(dks_state)).astype(ks.dtype),
             (group_sum(dvs) + owners_to_kv(dvs_state)).astype(vs.dtype),
-            group_sum(dgates) + owners_to_kv(dgates_state.sum(axis=0)),
-            group_sum(dwrites) + owners_to_kv(dwrites_state.sum(axis=0)),
+            group_sum(dgates) + owners_to_kv(dgates_state),
+            group_sum(dwrites) + owners_to_kv(dwrites_state),
             owner_states_to_kv(dhk0), owner_states_to_kv(dhv0), None, None)
 
 

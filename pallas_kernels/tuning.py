@@ -36,6 +36,13 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   the table's 4 splits stay). Three state stages: state backward 0.70 against 0.75 ms at B = 8, T = 2048, not taken
   (not measured at B = 2). The XLA-scan state path at B = 2, T = 8192: 4.74 against 4.82 ms wall, 4.36 against 4.39
   ms of device time, a tie, so it stays with the sequential kernels there.
+- Session 12 (2026-11-27, dk = 128): the state backward split into a sequential kernel that carries only dH and a
+  parallel one over chunks. At B = 8, T = 2048 it is a tie (0.752 ms against 0.544 + 0.223); at B = 2, T = 8192,
+  1.264 against 0.546 + 0.345 ms, with state_stages 3 (2 stages: 0.548 + 0.399). Three stages also helped the slot
+  states there (0.480 -> 0.445) and tie at B = 8. The decay gradient <dH, H> in the sequential kernel instead of
+  the parallel one: 0.731 against 0.767 ms at B = 8, 1.028 against 0.890 at B = 2 (not taken). Chunk 64 with
+  32-row sub-blocks still asks for 251 KB of shared memory (232 KB available); with one 64-row sub-block its
+  compile did not finish in 200 s.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -53,8 +60,9 @@ class TritonConfig:
       two >= 16, capped at chunk.
     output_warps / output_stages: num_warps / num_stages of the output kernel (grid B x H x T/chunk).
     state_warps / state_stages: the same for the slot-state kernel (grid B x Hkv x state_splits, sequential over
-      chunks) and its reverse in the backward (grid B x H x state_splits); state_splits: programs per (batch, head),
-      each owning a slice of dk and dv (capped at dim / 16).
+      chunks), its reverse in the backward (the state-gradient kernel, grid B x H x state_splits) and the parallel
+      state backward after it (grid B x H x chunks); state_splits: programs per (batch, head) of the two sequential
+      kernels, each owning a slice of dk and dv (capped at dim / 16).
     backward_warps / backward_stages: the same for the parallel backward kernels (output backward, grid
       B x H x T/chunk; window dk/dv, grid B x H x T/key_block; window dq); window_warps replaces backward_warps
       for the window dk/dv and window dq kernels (fewer live tiles than the output backward).
@@ -112,7 +120,7 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
                       state_warps=4, state_stages=2, state_splits=1,
                       backward_warps=4, backward_stages=2, window_warps=4, stacked_rows=64)),
     (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=4, output_stages=2,
-                       state_warps=8, state_stages=2, state_splits=1,
+                       state_warps=8, state_stages=3, state_splits=1,
                        backward_warps=8, backward_stages=2, window_warps=4, separate_window_dq=True)),
     (1 << 30, TritonConfig(chunk=32, sub_block=16, key_block=32, output_warps=8, output_stages=1,
                            state_warps=8, state_stages=1, state_splits=1,

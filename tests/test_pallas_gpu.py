@@ -57,14 +57,15 @@ def _rel_l2(a, b):
 
 # (batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost)
 CASES = {
-    # block 32 = two sub-blocks of 16: the state is carried inside a chunk; dk = 32 splits the state kernels.
+    # block 32 = two sub-blocks of 16: the state is carried inside a chunk.
     # Gates 20x stronger from T/2: sub-blocks on both sides of _FACTORED_SPAN (checked in the test).
     "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv_strong_gates": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32, 20.0),
     # Documents long against W and the chunk: slot states (and their gradients, summed over the GQA group of 2)
     # cross several chunks.
     "gqa_state_crosses_chunks": (1, 50, 4, 2, 16, 16, 8, 3, (23,), 16, 1.0),
-    # A GQA group of 3 (not a power of two): the state backward runs per query head, XLA sums the group.
-    "w_gt_chunk_segments_group3": (1, 45, 3, 1, 16, 32, 16, 24, (20,), 16, 1.0),
+    # A GQA group of 3 (not a power of two): the state backward runs per query head, XLA sums the group. dk = dv
+    # = 32: the sequential state-gradient kernel splits dk and dv in two (the test's state_splits).
+    "w_gt_chunk_segments_group3": (1, 45, 3, 1, 32, 32, 16, 24, (20,), 16, 1.0),
     "w_ge_t_full_attention_plus_sinks": (1, 40, 2, 2, 16, 16, 16, 64, (), 16, 1.0),
     "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16, 1.0),
 }
@@ -94,7 +95,7 @@ def test_forward_and_gradients_match_naive(case, states):
     program per query head."""
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
-                                 scan_states=states == "scan", stacked_rows=64)
+                                 scan_states=states == "scan", stacked_rows=64, state_splits=2)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config) == (group if group & (group - 1) == 0 else 1)
     if states == "scan":  # also the window dq in its own kernel
