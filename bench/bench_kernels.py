@@ -158,6 +158,8 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk32_sub32": dict(chunk=32, sub_block=32),
     "chunk64_sub32": dict(chunk=64, sub_block=32),
     "chunk64_sub64": dict(chunk=64, sub_block=64),
+    "chunk64_sub32_stages1": dict(chunk=64, sub_block=32, output_stages=1, state_stages=1, backward_stages=1),
+    "chunk64_sub64_warps4": dict(chunk=64, sub_block=64, output_warps=4, backward_warps=4, state_warps=4),
     "warps4": dict(output_warps=4, backward_warps=4, state_warps=4),
     "warps8": dict(output_warps=8, backward_warps=8, state_warps=8),
     "warps16": dict(output_warps=16, backward_warps=16),
@@ -214,29 +216,32 @@ def breakdown(key, shape, reps, sweep):
                 *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)),
             window_dq=jax.jit(lambda *a, config=config: _window_dq(
                 *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)))
+        times = {}
+
+        def timed(kernel, args):  # printed at once: a kernel whose compile hangs is the one after the last line
+            times[kernel] = median_ms(kernels[kernel], args, reps)
+            print(f"{shape} {name} {kernel} {times[kernel]:.3f} ms", flush=True)
+
         try:
-            times = {}
             args = (ks, vs, gates, writes, hk0, hv0, run)
             hk, hv, hk_last, hv_last = kernels["state"](*args)
-            times["state"] = median_ms(kernels["state"], args, reps)
+            timed("state", args)
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run)
             out, lse = kernels["output"](*args)
-            times["output"] = median_ms(kernels["output"], args, reps)
+            timed("output", args)
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
             delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
             _, _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
-            times["output_bwd"] = median_ms(kernels["output_bwd"], args, reps)
+            timed("output_bwd", args)
             if config.separate_window_dq:
-                times["window_dq"] = median_ms(kernels["window_dq"], (qr, kr, v_p, d_out, lse, delta, seg_p), reps)
+                timed("window_dq", (qr, kr, v_p, d_out, lse, delta, seg_p))
             splits = _state_splits(HEAD_DIM, HEAD_DIM, config)
             owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS, batch * KV_HEADS * splits, config)
             dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)
             dhv_last = jnp.zeros((batch, owners) + hv_last.shape[2:], jnp.float32)
-            args = (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last)
-            times["state_bwd"] = median_ms(kernels["state_bwd"], args, reps)
-            args = (qr, kr, v_p, d_out, lse, delta, seg_p)
-            times["window_bwd"] = median_ms(kernels["window_bwd"], args, reps)
+            timed("state_bwd", (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last))
+            timed("window_bwd", (qr, kr, v_p, d_out, lse, delta, seg_p))
         except Exception as err:  # a variant that does not compile is reported and skipped
             print(f"{shape} {name}: {type(err).__name__}: {str(err)[:300]}")
             continue

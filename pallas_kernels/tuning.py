@@ -41,8 +41,9 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   1.264 against 0.546 + 0.345 ms, with state_stages 3 (2 stages: 0.548 + 0.399). Three stages also helped the slot
   states there (0.480 -> 0.445) and tie at B = 8. The decay gradient <dH, H> in the sequential kernel instead of
   the parallel one: 0.731 against 0.767 ms at B = 8, 1.028 against 0.890 at B = 2 (not taken). Chunk 64 with
-  32-row sub-blocks still asks for 251 KB of shared memory (232 KB available); with one 64-row sub-block its
-  compile did not finish in 200 s.
+  32-row sub-blocks asks for 251 KB of shared memory (232 KB available), and with 1 stage loses in every kernel
+  but the slot states (output backward 2.19 against 1.09 ms); with one 64-row sub-block the output kernel's
+  compile does not finish.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
