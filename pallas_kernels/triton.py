@@ -61,6 +61,12 @@ def _compiler_params(num_warps: int, num_stages: int):
     return params_cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def _window_compiler_params(config):
+    """Compiler params of the window dk/dv and window dq kernels."""
+    stages = config.backward_stages if config.window_stages is None else config.window_stages
+    return _compiler_params(config.window_warps, stages)
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False, exact=True):
     """Matrix product with float32 accumulation. Float32 operands are multiplied exactly (IEEE, on the CUDA cores)
     when `exact`, else as tf32 on the tensor cores (10-bit mantissas: for kernels whose inputs are bf16 anyway)."""
@@ -737,11 +743,11 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     )(ks, vs, gates, writes, run, hk0, hv0)
 
 
-def _stacked_heads(group: int, sub: int, config) -> int:
+def _stacked_heads(group: int, sub: int, stacked_rows: int) -> int:
     """Query heads per program of the output kernels: the largest power of two dividing the GQA group whose rows,
-    stacked, fit config.stacked_rows (at least 1)."""
+    stacked, fit stacked_rows (TritonConfig.stacked_rows; at least 1)."""
     heads = 1
-    while group % (2 * heads) == 0 and 2 * heads * sub <= config.stacked_rows:
+    while group % (2 * heads) == 0 and 2 * heads * sub <= stacked_rows:
         heads *= 2
     return heads
 
@@ -777,11 +783,15 @@ class _ChunkSpecs:
         return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, h, 0, 0))
 
 
-def _output_grid(q, ks, chunk, config):
-    """(sub-block rows, query heads per program, _ChunkSpecs, grid) of the output kernels."""
+def _output_grid(q, ks, chunk, config, backward=False):
+    """(sub-block rows, query heads per program, _ChunkSpecs, grid) of the output and window dq kernels, or with
+    backward of the output backward (TritonConfig.backward_stacked_rows)."""
     batch, t_pad, heads, _ = q.shape
     sub = min(config.sub_block, chunk)
-    per_program = _stacked_heads(heads // ks.shape[2], sub, config)
+    stacked_rows = config.stacked_rows
+    if backward and config.backward_stacked_rows is not None:
+        stacked_rows = config.backward_stacked_rows
+    per_program = _stacked_heads(heads // ks.shape[2], sub, stacked_rows)
     specs = _ChunkSpecs(t_pad, chunk, heads // ks.shape[2], per_program)
     return sub, per_program, specs, (batch, heads // per_program, t_pad // chunk)
 
@@ -849,7 +859,7 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
-    sub, per_program, specs, grid = _output_grid(q, ks, chunk, config)
+    sub, per_program, specs, grid = _output_grid(q, ks, chunk, config, backward=True)
     query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
     per_program_out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program,
@@ -894,7 +904,7 @@ def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, confi
                   specs.kv_all(dk), specs.kv_all(dv)],
         out_specs=specs.query_chunk(dk),
         out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
-        compiler_params=_compiler_params(config.window_warps, config.backward_stages),
+        compiler_params=_window_compiler_params(config),
         interpret=interpret,
         name="nha_window_dq",
     )(qr, d_out, lse, delta, seg, kr, v)
@@ -1008,7 +1018,7 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
     kv_heads, dv = kr.shape[2], v.shape[3]
     group = heads // kv_heads
     block = min(config.key_block, chunk)
-    per_program = _stacked_heads(group, block, config)
+    per_program = _stacked_heads(group, block, config.stacked_rows)
 
     def heads_all(*widths):
         return pl.BlockSpec((None, t_pad, _head_block(per_program), *widths),
@@ -1028,7 +1038,7 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
         out_specs=[out_block(dk), out_block(dv)],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dk), kr.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dv), kr.dtype)],
-        compiler_params=_compiler_params(config.window_warps, config.backward_stages),
+        compiler_params=_window_compiler_params(config),
         interpret=interpret,
         name="nha_window_backward",
     )(qr, d_out, lse, delta, seg, kr, v)

@@ -44,6 +44,14 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
   32-row sub-blocks asks for 251 KB of shared memory (232 KB available), and with 1 stage loses in every kernel
   but the slot states (output backward 2.19 against 1.09 ms); with one 64-row sub-block the output kernel's
   compile does not finish.
+- Session 13 (2026-11-27, NHA-340M's layer: dk = 64, H = 16, Hkv = 4, W = 32, B = 8, T = 2048, scan path; device
+  ms of the whole op's fwd+bwd): the output backward was 0.857 of 1.858 ms. The window dq in its own kernel:
+  1.862 -> 1.732 (output backward 0.858 -> 0.684; session 9 had found a wash); one stage for the window kernels:
+  window dk/dv 0.149 -> 0.082; the output backward with 2 stacked heads instead of 4: 0.693 -> 0.521 (0.525 with
+  1), while the output kernel itself loses with 2 (0.175 -> 0.319) and the window dq too (0.056 -> 0.089): hence
+  backward_stacked_rows. All three: 1.858 -> 1.647 ms at B = 8, T = 2048, 2.031 -> 1.843 at B = 2, T = 8192.
+  8 backward warps: output backward 1.493 ms. At dk = 128 one window stage loses (window dk/dv 0.184 -> 0.220) and
+  three tie.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -82,6 +90,9 @@ class TritonConfig:
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
+    backward_stacked_rows: stacked_rows for the output backward (None: stacked_rows). Its live float32 tiles grow
+      with the stacked rows, so its best stacking can be smaller than the forward's.
+    window_stages: num_stages of the window dk/dv and window dq kernels (None: backward_stages).
     separate_window_dq: compute the window branch's dq in a kernel of its own (grid as the output kernels) instead of
       inside the output backward, whose live float32 tiles then belong to the slot branch alone.
     scan_tile / scan_unroll / scan_warps: the tile of a slot state [dk, m] or [m, dv] per program of the
@@ -110,6 +121,8 @@ class TritonConfig:
     stacked_rows: int = 16
     input_dtype_states: bool = True
     separate_window_dq: bool = False
+    backward_stacked_rows: int | None = None
+    window_stages: int | None = None
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16
     scan_warps: int = 4
@@ -119,7 +132,8 @@ class TritonConfig:
 _TABLE: tuple[tuple[int, TritonConfig], ...] = (
     (64, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=4, output_stages=2,
                       state_warps=4, state_stages=2, state_splits=1,
-                      backward_warps=4, backward_stages=2, window_warps=4, stacked_rows=64)),
+                      backward_warps=4, backward_stages=2, window_warps=4, stacked_rows=64,
+                      separate_window_dq=True, backward_stacked_rows=32, window_stages=1)),
     (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=4, output_stages=2,
                        state_warps=8, state_stages=3, state_splits=1,
                        backward_warps=8, backward_stages=2, window_warps=4, separate_window_dq=True)),

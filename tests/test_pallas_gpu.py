@@ -95,11 +95,13 @@ def test_forward_and_gradients_match_naive(case, states):
     program per query head."""
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
-                                 scan_states=states == "scan", stacked_rows=64, state_splits=2)
+                                 scan_states=states == "scan", stacked_rows=64, state_splits=2,
+                                 separate_window_dq=False, backward_stacked_rows=None)
     group = heads // kv_heads
-    assert _stacked_heads(group, 16, config) == (group if group & (group - 1) == 0 else 1)
-    if states == "scan":  # also the window dq in its own kernel
-        config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True)
+    assert _stacked_heads(group, 16, config.stacked_rows) == (group if group & (group - 1) == 0 else 1)
+    if states == "scan":  # also the window dq in its own kernel, and the backward with half the forward's stacking
+        config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True, backward_stacked_rows=32,
+                                     window_stages=1)
     _check_against_naive(case, config)
 
 
