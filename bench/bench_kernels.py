@@ -86,7 +86,7 @@ CHECK_ROWS = ((jnp.float32, 300, 64, 1), (jnp.float32, 257, 200, 1), (jnp.bfloat
               (jnp.float32, 300, 16, 80))
 
 
-def check(key, state_paths=("sequential", "scan"), row_indices=range(len(CHECK_ROWS))):
+def check(key, state_paths=("sequential", "scan"), row_indices=range(len(CHECK_ROWS)), variant=None):
     """Pallas vs chunked on the GPU: float32 and bf16, forward and gradients, with segments and GQA (groups of 4:
     the output kernels stack a group's rows), at the --dims head sizes with the tuning table's row, the slot states
     by the sequential kernels and by the XLA scan (with one sub-block per chunk, which the scan needs)."""
@@ -109,7 +109,7 @@ def check(key, state_paths=("sequential", "scan"), row_indices=range(len(CHECK_R
             return error / size if size else error
         for states in state_paths:  # the ways to the slot states (TritonConfig.scan_states)
             config = dataclasses.replace(table_config(k.shape[0], k.shape[2], k.shape[3], v.shape[3], la.shape[3]),
-                                         scan_states=states == "scan")
+                                         scan_states=states == "scan", **SWEEP.get(variant, {}))
             if states == "scan":
                 config = dataclasses.replace(config, sub_block=config.chunk)
 
@@ -175,11 +175,12 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
     "key_block16": dict(key_block=16),
     "bwd_warps8": dict(backward_warps=8),
+    "bwd_passes1": dict(backward_head_passes=1),
+    "bwd_passes2": dict(backward_head_passes=2),
+    "bwd_passes4": dict(backward_head_passes=4),
     "window_stages1": dict(window_stages=1),
     "window_stages3": dict(window_stages=3),
     "window_dq_stages1": dict(separate_window_dq=True, window_stages=1),
-    "window_dq_stages1_bstack2": dict(separate_window_dq=True, window_stages=1, backward_stacked_rows=32),
-    "window_dq_stages1_bstack1": dict(separate_window_dq=True, window_stages=1, backward_stacked_rows=16),
     "bwd_stages1": dict(backward_stages=1),
     "bwd_stages3": dict(backward_stages=3),
     "scan": dict(scan_states=True),
@@ -263,6 +264,8 @@ def main():
                         help="slot-state paths the check runs: sequential, scan or both")
     parser.add_argument("--check-rows", default="0,1,2,3",
                         help="which cases of CHECK_ROWS the check runs (each compiles its own gradient)")
+    parser.add_argument("--check-variant", default=None, choices=list(SWEEP),
+                        help="check the tuning table's row with this SWEEP change instead of the row itself")
     parser.add_argument("--sweep", default="table", help=f"comma-separated from {list(SWEEP)}, or none")
     parser.add_argument("--timings", default="yes", choices=("yes", "no"), help="no: only the breakdown")
     parser.add_argument("--impls", default="pallas_triton,chunked_xla,cudnn_causal,cudnn_swa")
@@ -285,7 +288,7 @@ def main():
         jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, la))
         return
     if not args.skip_check:
-        check(key, args.check_states.split(","), [int(i) for i in args.check_rows.split(",")])
+        check(key, args.check_states.split(","), [int(i) for i in args.check_rows.split(",")], args.check_variant)
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
              "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}

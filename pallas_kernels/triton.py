@@ -35,6 +35,7 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -120,17 +121,31 @@ def _heads_of(ref):
     return ref.shape[1] if ref.ndim == 3 else 1
 
 
-def _load_rows(ref, rows, heads):
-    """Rows `rows` of a program's query heads, stacked token-major (`_per_row`): [R, S, ...] -> [R * S, ...]."""
-    x = ref[(rows,) + (slice(None),) * (ref.ndim - 1)]
-    return x if heads == 1 else _stacked(x)
+def _head_rows(ref, rows, heads, part, parts):
+    """The index of rows `rows` of part `part` of `parts` equal groups of a program's S = heads query heads in a
+    ref [R, S, ...] ([R, ...] for one head), and how many heads it takes."""
+    if heads == 1:
+        return (rows,) + (slice(None),) * (ref.ndim - 1), 1
+    per_part = heads // parts
+    head = slice(None) if parts == 1 else part if per_part == 1 else pl.ds(part * per_part, per_part)
+    return (rows, head) + (slice(None),) * (ref.ndim - 2), per_part
 
 
-def _store_rows(ref, rows, x, heads):
-    """Writes stacked rows x [R * S, ...] to rows `rows` of a program's query heads (the inverse of _load_rows)."""
-    if heads > 1:
-        x = x.reshape((x.shape[0] // heads, heads) + x.shape[1:])
-    ref[(rows,) + (slice(None),) * (ref.ndim - 1)] = x.astype(ref.dtype)
+def _load_rows(ref, rows, heads, part=0, parts=1):
+    """Rows `rows` of a program's query heads (of part `part` of `parts` equal groups of them), stacked token-major
+    (`_per_row`): [R, S, ...] -> [R * S / parts, ...]."""
+    index, per_part = _head_rows(ref, rows, heads, part, parts)
+    x = ref[index]
+    return x if per_part == 1 else _stacked(x)
+
+
+def _store_rows(ref, rows, x, heads, part=0, parts=1):
+    """Writes stacked rows x [R * S / parts, ...] to rows `rows` of a program's query heads (of part `part` of
+    `parts`): the inverse of _load_rows."""
+    index, per_part = _head_rows(ref, rows, heads, part, parts)
+    if per_part > 1:
+        x = x.reshape((x.shape[0] // per_part, per_part) + x.shape[1:])
+    ref[index] = x.astype(ref.dtype)
 
 
 def _sum_heads(x, heads):
@@ -427,7 +442,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *dqr_ref,
                             chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
-                            chunk_state_grads):
+                            chunk_state_grads, passes):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
@@ -440,9 +455,11 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs'
     dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
     scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so
-    that neither the factors nor the queries go through HBM again.
+    that neither the factors nor the queries go through HBM again. The S heads are taken in `passes` passes of
+    S / passes heads each (TritonConfig.backward_head_passes).
     """
     heads = _heads_of(q_ref)
+    per_pass = heads // passes
     c = chunk_index
     c0 = c * chunk
     rows = jnp.arange(sub)
@@ -459,59 +476,74 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
-        q, d_out = _load_rows(q_ref, blk, heads), _load_rows(do_ref, blk, heads)
         ks, vs = ks_ref[blk, :], vs_ref[blk, :]
         gates, writes = gates_ref[blk, :], writes_ref[blk, :]
         run_q = run_ref[pl.ds(t0, sub)]
-        lse, delta = _load_rows(lse_ref, blk, heads), _load_rows(delta_ref, blk, heads)
         base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
+        inter_rows = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
+        visible = causal & (run_q[:, None] == run_q[None, :])
 
-        # Recompute the slot logits and probabilities exactly as the forward did.
-        inter = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0), heads)
-        # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
-        pairs = functools.partial(pair_cls, gates, writes, base, causal & (run_q[:, None] == run_q[None, :]), exact,
-                                  heads)
-        q_hk = _dot(q, state.keys())  # [t, m]
-        qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
-        do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
-        pw = pairs()
-        intra_logits, intra_read = pw.over_keys(qk), pw.over_keys(do_vs)
-        probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
+        def head_pass(part):
+            """The gradients of part `part` of the heads: stores their dq (and factors), returns their sums."""
+            load = lambda ref: _load_rows(ref, blk, heads, part, passes)
+            store = lambda ref, x: _store_rows(ref, blk, x, heads, part, passes)
+            q, d_out, lse, delta = load(q_ref), load(do_ref), load(lse_ref), load(delta_ref)
 
-        # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
-        do_hv = _dot(d_out, state.values(), trans_b=True)  # [t, m]
-        d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
-        # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
-        # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
-        # of g * PW are the intra terms above, and the sums over t factor out s_p.
-        pw = pairs()
-        logit_pairs, read_pairs = pw.over_slots(d_logits), pw.over_slots(probs)
-        d_writes = pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits)
-        dq = scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
-                      + _dot(logit_pairs.astype(dtype), ks))
-        _store_rows(dq_ref, blk, dq, heads)
-        dks_ref[blk, :] = (scale * _dot(logit_pairs.astype(dtype), q, trans_a=True)).astype(dks_ref.dtype)
-        dvs_ref[blk, :] = _dot(read_pairs.astype(dtype), d_out, trans_a=True).astype(dvs_ref.dtype)
-        if chunk_state_grads:  # sub == chunk: the state entering the sub-block is the chunk's
-            state_k_ref[...] = _dot(q, (scale * d_logits * inter).astype(dtype), trans_a=True).astype(state_k_ref.dtype)
-            state_v_ref[...] = _dot((probs * inter).astype(dtype), d_out, trans_a=True).astype(state_v_ref.dtype)
-        else:
-            _store_rows(state_k_ref, blk, scale * d_logits * inter, heads)
-            _store_rows(state_v_ref, blk, probs * inter, heads)
+            # Recompute the slot logits and probabilities exactly as the forward did.
+            inter = _per_row(inter_rows, per_pass)
+            # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
+            pairs = functools.partial(pair_cls, gates, writes, base, visible, exact, per_pass)
+            q_hk = _dot(q, state.keys())  # [t, m]
+            qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
+            do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
+            pw = pairs()
+            intra_logits, intra_read = pw.over_keys(qk), pw.over_keys(do_vs)
+            probs = jnp.where(slot_valid, jnp.exp(scale * q_hk * inter + intra_logits - lse[:, None]), 0.0)
+
+            # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
+            do_hv = _dot(d_out, state.values(), trans_b=True)  # [t, m]
+            d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
+            # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
+            # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
+            # of g * PW are the intra terms above, and the sums over t factor out s_p.
+            pw = pairs()
+            logit_pairs, read_pairs = pw.over_slots(d_logits), pw.over_slots(probs)
+            d_writes = pw.write_grad(do_vs, probs) + pw.write_grad(qk, d_logits)
+            store(dq_ref, scale * (_dot((d_logits * inter).astype(dtype), state.keys(), trans_b=True)
+                                   + _dot(logit_pairs.astype(dtype), ks)))
+            inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
+            sums = [scale * _dot(logit_pairs.astype(dtype), q, trans_a=True),
+                    _dot(read_pairs.astype(dtype), d_out, trans_a=True), d_writes,
+                    _sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, per_pass),
+                    jnp.sum(inter_gates, axis=0)]
+            if chunk_state_grads:  # sub == chunk: the state entering the sub-block is the chunk's
+                sums += [_dot(q, (scale * d_logits * inter).astype(dtype), trans_a=True),
+                         _dot((probs * inter).astype(dtype), d_out, trans_a=True)]
+            else:
+                store(state_k_ref, scale * d_logits * inter)
+                store(state_v_ref, probs * inter)
+            if dqr_ref:
+                store(dqr_ref[0], _window_query_grad(load(qr_ref), d_out, lse, delta, t0, sub, per_pass, seg_ref,
+                                                     kr_ref, v_ref, key_block=key_block, window=window, scale=scale))
+            return sums
+
+        # Each pass's live tiles are those of its own heads; the kv head's gradients add up across passes.
+        sums = head_pass(0)
+        for part in range(1, passes):
+            sums = [total + x for total, x in zip(sums, head_pass(part))]
+        dks, dvs, d_writes, dgates_heads, inter_gate_sum = sums[:5]
+        dks_ref[blk, :] = dks.astype(dks_ref.dtype)
+        dvs_ref[blk, :] = dvs.astype(dvs_ref.dtype)
+        if chunk_state_grads:
+            state_k_ref[...] = sums[5].astype(state_k_ref.dtype)
+            state_v_ref[...] = sums[6].astype(state_v_ref.dtype)
         dwrites_ref[blk, :] = d_writes
-        inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
-        dgates = (_sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, heads)
-                  - writes * d_writes)
+        dgates = dgates_heads - writes * d_writes
         if r0 > 0:
             # G_base is the previous sub-block's last row: its gradient lands there, then that block is final.
-            previous_dgates -= jnp.where(last_row, jnp.sum(inter_gates, axis=0)[None, :], 0.0)
+            previous_dgates -= jnp.where(last_row, inter_gate_sum[None, :], 0.0)
             dgates_ref[pl.ds(r0 - sub, sub), :] = previous_dgates
         previous_dgates = dgates
-
-        if dqr_ref:
-            dqr = _window_query_grad(_load_rows(qr_ref, blk, heads), d_out, lse, delta, t0, sub, heads, seg_ref,
-                                     kr_ref, v_ref, key_block=key_block, window=window, scale=scale)
-            _store_rows(dqr_ref[0], blk, dqr, heads)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
@@ -783,15 +815,11 @@ class _ChunkSpecs:
         return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, h, 0, 0))
 
 
-def _output_grid(q, ks, chunk, config, backward=False):
-    """(sub-block rows, query heads per program, _ChunkSpecs, grid) of the output and window dq kernels, or with
-    backward of the output backward (TritonConfig.backward_stacked_rows)."""
+def _output_grid(q, ks, chunk, config):
+    """(sub-block rows, query heads per program, _ChunkSpecs, grid) of the output kernels (and the window dq)."""
     batch, t_pad, heads, _ = q.shape
     sub = min(config.sub_block, chunk)
-    stacked_rows = config.stacked_rows
-    if backward and config.backward_stacked_rows is not None:
-        stacked_rows = config.backward_stacked_rows
-    per_program = _stacked_heads(heads // ks.shape[2], sub, stacked_rows)
+    per_program = _stacked_heads(heads // ks.shape[2], sub, config.stacked_rows)
     specs = _ChunkSpecs(t_pad, chunk, heads // ks.shape[2], per_program)
     return sub, per_program, specs, (batch, heads // per_program, t_pad // chunk)
 
@@ -859,7 +887,7 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], gates.shape[3]
-    sub, per_program, specs, grid = _output_grid(q, ks, chunk, config, backward=True)
+    sub, per_program, specs, grid = _output_grid(q, ks, chunk, config)
     query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
     per_program_out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((batch, t_pad, heads // per_program,
@@ -877,7 +905,8 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     window_specs, window_shapes = ([query_chunk(dk)], [per_head(dk)]) if window_here else ([], [])
     grads = _launch_output_kernel(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads),
+                          window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads,
+                          passes=math.gcd(config.backward_head_passes, per_program)),
         "nha_output_backward", (q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta),
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),

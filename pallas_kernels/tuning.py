@@ -47,11 +47,13 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
 - Session 13 (2026-11-27, NHA-340M's layer: dk = 64, H = 16, Hkv = 4, W = 32, B = 8, T = 2048, scan path; device
   ms of the whole op's fwd+bwd): the output backward was 0.857 of 1.858 ms. The window dq in its own kernel:
   1.862 -> 1.732 (output backward 0.858 -> 0.684; session 9 had found a wash); one stage for the window kernels:
-  window dk/dv 0.149 -> 0.082; the output backward with 2 stacked heads instead of 4: 0.693 -> 0.521 (0.525 with
-  1), while the output kernel itself loses with 2 (0.175 -> 0.319) and the window dq too (0.056 -> 0.089): hence
-  backward_stacked_rows. All three: 1.858 -> 1.647 ms at B = 8, T = 2048, 2.031 -> 1.843 at B = 2, T = 8192.
+  window dk/dv 0.149 -> 0.082. The output backward with 2 stacked heads per program instead of 4: 0.693 -> 0.521
+  (0.525 with 1), but its per-program gradients then cost XLA 0.068 ms to sum over the group. Taking the 4 stacked
+  heads in 4 passes of one head (backward_head_passes) instead: output backward 0.541, no group sums left, whole op
+  1.529 ms (2 stacked heads: 1.661 in the same call; 4 heads in 2 passes of 2: 0.959 for the output backward).
   8 backward warps: output backward 1.493 ms. At dk = 128 one window stage loses (window dk/dv 0.184 -> 0.220) and
-  three tie.
+  three tie. XLA's merged matmul of the scan path's key and value contributions (it slices and transposes its
+  output apart) against two separate ones: 1.661 -> 1.648 ms, not taken.
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -90,8 +92,9 @@ class TritonConfig:
     stacked_rows: the output kernels give each program S query heads of one GQA group, S the largest power of two
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
-    backward_stacked_rows: stacked_rows for the output backward (None: stacked_rows). Its live float32 tiles grow
-      with the stacked rows, so its best stacking can be smaller than the forward's.
+    backward_head_passes: the output backward takes its S stacked heads in this many passes of S / passes heads
+      (a power of two), adding up the kv head's gradients across them in registers: the live tiles of fewer heads,
+      without per-program partial gradients left for XLA to sum over the GQA group.
     window_stages: num_stages of the window dk/dv and window dq kernels (None: backward_stages).
     separate_window_dq: compute the window branch's dq in a kernel of its own (grid as the output kernels) instead of
       inside the output backward, whose live float32 tiles then belong to the slot branch alone.
@@ -121,8 +124,8 @@ class TritonConfig:
     stacked_rows: int = 16
     input_dtype_states: bool = True
     separate_window_dq: bool = False
-    backward_stacked_rows: int | None = None
     window_stages: int | None = None
+    backward_head_passes: int = 1
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16
     scan_warps: int = 4
@@ -133,7 +136,7 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
     (64, TritonConfig(chunk=16, sub_block=16, key_block=32, output_warps=4, output_stages=2,
                       state_warps=4, state_stages=2, state_splits=1,
                       backward_warps=4, backward_stages=2, window_warps=4, stacked_rows=64,
-                      separate_window_dq=True, backward_stacked_rows=32, window_stages=1)),
+                      separate_window_dq=True, backward_head_passes=4, window_stages=1)),
     (128, TritonConfig(chunk=32, sub_block=32, key_block=32, output_warps=4, output_stages=2,
                        state_warps=8, state_stages=3, state_splits=1,
                        backward_warps=8, backward_stages=2, window_warps=4, separate_window_dq=True)),

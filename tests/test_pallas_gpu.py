@@ -66,6 +66,8 @@ CASES = {
     # A GQA group of 3 (not a power of two): the state backward runs per query head, XLA sums the group. dk = dv
     # = 32: the sequential state-gradient kernel splits dk and dv in two (the test's state_splits).
     "w_gt_chunk_segments_group3": (1, 45, 3, 1, 32, 32, 16, 24, (20,), 16, 1.0),
+    # A GQA group of 4: the output backward takes its stacked heads in two passes (backward_head_passes).
+    "gqa4_head_passes": (1, 40, 8, 2, 16, 16, 8, 5, (17,), 16, 1.0),
     "w_ge_t_full_attention_plus_sinks": (1, 40, 2, 2, 16, 16, 16, 64, (), 16, 1.0),
     "no_slots": (1, 33, 2, 1, 16, 16, 0, 9, (17,), 16, 1.0),
 }
@@ -96,12 +98,12 @@ def test_forward_and_gradients_match_naive(case, states):
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
                                  scan_states=states == "scan", stacked_rows=64, state_splits=2,
-                                 separate_window_dq=False, backward_stacked_rows=None)
+                                 separate_window_dq=False, backward_head_passes=2)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config.stacked_rows) == (group if group & (group - 1) == 0 else 1)
-    if states == "scan":  # also the window dq in its own kernel, and the backward with half the forward's stacking
-        config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True, backward_stacked_rows=32,
-                                     window_stages=1)
+    if states == "scan":  # also the window dq in its own kernel, and the stacked heads in passes of one head
+        config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True, window_stages=1,
+                                     backward_head_passes=4)
     _check_against_naive(case, config)
 
 
