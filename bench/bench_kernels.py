@@ -175,6 +175,7 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
     "key_block16": dict(key_block=16),
     "bwd_warps8": dict(backward_warps=8),
+    "scan_contributions": dict(scan_contribution_kernel=True),
     "bwd_passes1": dict(backward_head_passes=1),
     "bwd_passes2": dict(backward_head_passes=2),
     "bwd_passes4": dict(backward_head_passes=4),

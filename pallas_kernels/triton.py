@@ -1228,6 +1228,99 @@ def _chunk_scan_bwd(decay_axis, state_dtype, config, interpret, residuals, cotan
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
+def _chunk_contribution_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, local_k_ref, local_v_ref):
+    """One (batch, kv head, chunk): the chunk's own contribution to the slot state leaving it (the state that
+    enters it taken as zero). ks [C, dk], vs [C, dv], gates, writes [C, m] float32, run [C] as `_state_kernel`.
+    Outputs local_k [dk, m] = (writes * to_last)^T-weighted ks, local_v [m, dv] likewise (in their dtype)."""
+    chunk = run_ref.shape[0]
+    gate_last = gates_ref[chunk - 1, :]
+    last_run = run_ref[chunk - 1]
+    to_last, _ = _handover(gates_ref[...], run_ref[...], last_run, last_run, gate_last, gate_last)
+    weights = (writes_ref[...] * to_last).astype(ks_ref.dtype)
+    local_k_ref[...] = _dot(ks_ref[...], weights, trans_a=True).astype(local_k_ref.dtype)
+    local_v_ref[...] = _dot(weights, vs_ref[...], trans_a=True).astype(local_v_ref.dtype)
+
+
+def _chunk_contribution_backward_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, d_local_k_ref,
+                                        d_local_v_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref):
+    """Backward of `_chunk_contribution_kernel` for one (batch, kv head, chunk): from d_local_k [dk, m] and
+    d_local_v [m, dv], dks [C, dk], dvs [C, dv] (their dtype) and float32 dwrites, dgates [C, m], through
+    weights_t = writes_t * exp(G_last - G_t) on the last row's run."""
+    chunk = run_ref.shape[0]
+    dtype = ks_ref.dtype
+    gate_last = gates_ref[chunk - 1, :]
+    last_run = run_ref[chunk - 1]
+    to_last, _ = _handover(gates_ref[...], run_ref[...], last_run, last_run, gate_last, gate_last)
+    weights = writes_ref[...] * to_last
+    d_local_k, d_local_v = d_local_k_ref[...].astype(dtype), d_local_v_ref[...].astype(dtype)
+    dks_ref[...] = _dot(weights.astype(dtype), d_local_k, trans_b=True).astype(dks_ref.dtype)
+    dvs_ref[...] = _dot(weights.astype(dtype), d_local_v).astype(dvs_ref.dtype)
+    d_weights = _dot(ks_ref[...], d_local_k) + _dot(vs_ref[...], d_local_v, trans_b=True)  # [C, m]
+    weight_gates = d_weights * weights
+    last_row = (jnp.arange(chunk) == chunk - 1)[:, None]
+    dwrites_ref[...] = d_weights * to_last
+    dgates_ref[...] = jnp.where(last_row, jnp.sum(weight_gates, axis=0)[None, :], 0.0) - weight_gates
+
+
+def _chunk_contribution_specs(ks, vs, gates, chunk):
+    """Grid (B, Hkv, chunks) and the BlockSpecs of the chunk-contribution kernels: per chunk rows of width n, run
+    ids, and one chunk's state [rows, cols]."""
+    batch, t_pad, kv_heads, _ = ks.shape
+    rows = lambda n: pl.BlockSpec((None, chunk, None, n), lambda b, g, c: (b, c, g, 0))
+    run = pl.BlockSpec((None, chunk), lambda b, g, c: (b, c))
+    state = lambda r, n: pl.BlockSpec((None, None, None, r, n), lambda b, g, c: (b, c, g, 0, 0))
+    return (batch, kv_heads, t_pad // chunk), rows, run, state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunk_contributions(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret):
+    """Each chunk's own contribution to the slot state leaving it, as `_scanned_chunk_states` needs them, in a
+    Pallas kernel (TritonConfig.scan_contribution_kernel) instead of XLA's batched matmuls.
+
+    ks [B, Tp, Hkv, dk], vs [B, Tp, Hkv, dv], gates, writes [B, Tp, Hkv, m] float32, run [B, Tp]. Returns
+    local_k [B, nC, Hkv, dk, m] and local_v [B, nC, Hkv, m, dv] in state_dtype."""
+    return _chunk_contributions_fwd(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret)[0]
+
+
+def _chunk_contributions_fwd(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret):
+    grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
+    (batch, kv_heads, num_chunks), dk, dv, m = grid, ks.shape[3], vs.shape[3], gates.shape[3]
+    local = pl.pallas_call(
+        _chunk_contribution_kernel,
+        grid=grid,
+        in_specs=[rows(dk), rows(dv), rows(m), rows(m), run_spec],
+        out_specs=[state(dk, m), state(m, dv)],
+        out_shape=[jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, dk, m), state_dtype),
+                   jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, m, dv), state_dtype)],
+        compiler_params=_compiler_params(config.state_warps, config.state_stages),
+        interpret=interpret,
+        name="nha_chunk_contributions",
+    )(ks, vs, gates, writes, run)
+    return tuple(local), (ks, vs, gates, writes, run)
+
+
+def _chunk_contributions_bwd(chunk, state_dtype, config, interpret, residuals, cotangents):
+    ks, vs, gates, writes, run = residuals
+    d_local_k, d_local_v = cotangents
+    grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
+    dk, dv, m = ks.shape[3], vs.shape[3], gates.shape[3]
+    dks, dvs, dwrites, dgates = pl.pallas_call(
+        _chunk_contribution_backward_kernel,
+        grid=grid,
+        in_specs=[rows(dk), rows(dv), rows(m), rows(m), run_spec, state(dk, m), state(m, dv)],
+        out_specs=[rows(dk), rows(dv), rows(m), rows(m)],
+        out_shape=[jax.ShapeDtypeStruct(ks.shape, ks.dtype), jax.ShapeDtypeStruct(vs.shape, vs.dtype),
+                   jax.ShapeDtypeStruct(gates.shape, jnp.float32), jax.ShapeDtypeStruct(gates.shape, jnp.float32)],
+        compiler_params=_compiler_params(config.state_warps, config.state_stages),
+        interpret=interpret,
+        name="nha_chunk_contributions_backward",
+    )(ks, vs, gates, writes, run, d_local_k.astype(state_dtype), d_local_v.astype(state_dtype))
+    return dks, dvs, dgates, dwrites, None
+
+
+_chunk_contributions.defvjp(_chunk_contributions_fwd, _chunk_contributions_bwd)
+
+
 def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype, config, interpret):
     """The slot states entering each chunk: every chunk's own contribution at once in XLA (batched matmuls over the
     chunks), then `_chunk_scan` over chunks of H_next = decay * H + local (elementwise: no dots in the dependent
@@ -1245,12 +1338,16 @@ def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_
     last_run, gate_last = runs[:, :, -1], gates_c[:, :, -1]  # [B, nC], [B, nC, Hkv, m]
     # As _handover with base 0: only the last row's run reaches the state leaving the chunk, and the state entering
     # the chunk passes through only if its run is still the last row's.
-    to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
-                        jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
-    weights = (per_chunk(writes) * to_last).astype(ks.dtype)
-    einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype), preferred_element_type=state_dtype)
-    local_k = einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights)
-    local_v = einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs))
+    if config.scan_contribution_kernel:
+        local_k, local_v = _chunk_contributions(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret)
+    else:
+        to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
+                            jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
+        weights = (per_chunk(writes) * to_last).astype(ks.dtype)
+        einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype),
+                                   preferred_element_type=state_dtype)
+        local_k = einsum("bctgd,bctgm->bcgdm", per_chunk(ks), weights)
+        local_v = einsum("bctgm,bctgd->bcgmd", weights, per_chunk(vs))
     state_run = jnp.concatenate([jnp.zeros((batch, 1), run.dtype), last_run[:, :-1]], axis=1)
     decay = jnp.where((state_run == last_run)[..., None, None], jnp.exp(gate_last), 0.0)  # [B, nC, Hkv, m]
     hk, hk_final = _chunk_scan(decay, local_k, hk0, 1, state_dtype, config, interpret)

@@ -101,9 +101,10 @@ def test_forward_and_gradients_match_naive(case, states):
                                  separate_window_dq=False, backward_head_passes=2)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config.stacked_rows) == (group if group & (group - 1) == 0 else 1)
-    if states == "scan":  # also the window dq in its own kernel, and the stacked heads in passes of one head
+    if states == "scan":  # also the window dq in its own kernel, the stacked heads in passes of one head, and the
+        # chunks' contributions to the slot states from their Pallas kernel
         config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True, window_stages=1,
-                                     backward_head_passes=4)
+                                     backward_head_passes=4, scan_contribution_kernel=True)
     _check_against_naive(case, config)
 
 
