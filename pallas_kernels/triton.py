@@ -19,16 +19,17 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
 - The backward (custom_vjp) keeps o, the row log-sum-exp and the states entering each chunk, and recomputes the
   rest: `_output_backward_kernel`, grid (B, H / S, T/C) like the output kernel, recomputes the joint softmax from
   the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values, write strengths
-  and gates (summed over its S heads), and the per-row factors of the state gradient; `_state_grad_kernel`, grid
-  (B, H or Hkv, dk/dv slices), runs the sub-blocks last to first carrying only dH^k/dH^v and stores the gradient of
-  the state leaving each chunk; `_state_backward_kernel`, grid (B, H or Hkv, chunks), parallel, gives the gradients
+  and gates (summed over its S heads, which it may take in passes of fewer heads: TritonConfig.backward_head_passes),
+  and the per-row factors of the state gradient; `_state_grad_kernel`, grid (B, H or Hkv, dk/dv slices), runs the
+  sub-blocks last to first carrying only dH^k/dH^v and stores the gradient of the state leaving each chunk; `_state_backward_kernel`, grid (B, H or Hkv, chunks), parallel, gives the gradients
   through the state hand-over from it; `_window_backward_kernel`, grid (B, H / S, key blocks), gives the window
   dk/dv without atomics. XLA sums what is left of each GQA group. With TritonConfig.separate_window_dq the window
   dq comes from `_window_dq_kernel`, a pass of its own.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
-  give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA, then `_chunk_scan`, an
-  elementwise scan kernel over chunks with its own reverse kernel) and `_core_given_states`, whose output backward
-  gives the gradient of each chunk's entering state directly (q^T a and p^T do over the chunk's rows).
+  give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA or, with
+  TritonConfig.scan_contribution_kernel, from `_chunk_contribution_kernel`; then `_chunk_scan`, an elementwise scan
+  kernel over chunks with its own reverse kernel) and `_core_given_states`, whose output backward gives the
+  gradient of each chunk's entering state directly (q^T a and p^T do over the chunk's rows).
 - A program that owns one query head reads and writes plain [rows, d] blocks (`_head_block`), without the head
   axis that stacked heads need.
 """
