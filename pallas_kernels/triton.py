@@ -21,8 +21,9 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   the saved lse and gives dq, the window dq, the pair-block gradients of the shifted keys/values, write strengths
   and gates (summed over its S heads, which it may take in passes of fewer heads: TritonConfig.backward_head_passes),
   and the per-row factors of the state gradient; `_state_grad_kernel`, grid (B, H or Hkv, dk/dv slices), runs the
-  sub-blocks last to first carrying only dH^k/dH^v and stores the gradient of the state leaving each chunk; `_state_backward_kernel`, grid (B, H or Hkv, chunks), parallel, gives the gradients
-  through the state hand-over from it; `_window_backward_kernel`, grid (B, H / S, key blocks), gives the window
+  sub-blocks last to first carrying only dH^k/dH^v and stores the gradient of the state leaving each chunk;
+  `_state_backward_kernel`, grid (B, H or Hkv, chunks), parallel, gives the gradients through the state hand-over
+  from it; `_window_backward_kernel`, grid (B, H / S, key blocks), gives the window
   dk/dv without atomics. XLA sums what is left of each GQA group. With TritonConfig.separate_window_dq the window
   dq comes from `_window_dq_kernel`, a pass of its own.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
@@ -607,6 +608,18 @@ def _sub_block_handover(gates_ref, run_ref, c0, r0, sub):
     return rows, to_last, decay
 
 
+def _write_term_grads(ks, vs, writes, to_last, dhk, dhv):
+    """Backward of a hand-over's write term (writes * to_last)^T @ (ks | vs) (`_handover`), given the gradient dhk
+    [dk, m], dhv [m, dv] (inputs' dtype) of the state it adds to: ks [R, dk], vs [R, dv], writes, to_last [R, m].
+    Returns float32 dks [R, dk], dvs [R, dv], dwrites [R, m], and weight_gates [R, m] = d_weights * weights: minus
+    the gradient of each row's own gate through to_last (their sum over rows goes to the last row's gate)."""
+    weights = writes * to_last
+    dks = _dot(weights.astype(dhk.dtype), dhk, trans_b=True)
+    dvs = _dot(weights.astype(dhk.dtype), dhv)
+    d_weights = _dot(ks, dhk) + _dot(vs, dhv, trans_b=True)  # [R, m]
+    return dks, dvs, d_weights * to_last, d_weights * weights
+
+
 def _add_query_state_grads(dhk, dhv, q_ref, do_ref, a_ref, p_ref, rows):
     """dH^k += q^T a, dH^v += p^T do over `rows` of every query head of the program (the gradient that the rows'
     slot logits and slot reads give the state entering their sub-block). q, do [Tp, G, d]; a, p [Tp, G, m]."""
@@ -671,18 +684,16 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
             hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
             hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
         rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, r0, sub)
-        weights = writes_ref[rows, :] * to_last
-        dhk_c, dhv_c = dhk.astype(dtype), dhv.astype(dtype)
+        dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[rows, :], vs_ref[rows, :], writes_ref[rows, :],
+                                                            to_last, dhk.astype(dtype), dhv.astype(dtype))
         out_rows = pl.ds(r0, sub)
-        dks_ref[out_rows, :] = _dot(weights.astype(dtype), dhk_c, trans_b=True).astype(dks_ref.dtype)
-        dvs_ref[out_rows, :] = _dot(weights.astype(dtype), dhv_c).astype(dvs_ref.dtype)
-        d_weights = _dot(ks_ref[rows, :], dhk_c) + _dot(vs_ref[rows, :], dhv_c, trans_b=True)  # [sub, m]
+        dks_ref[out_rows, :] = dks.astype(dks_ref.dtype)
+        dvs_ref[out_rows, :] = dvs.astype(dvs_ref.dtype)
         decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
-        weight_gates = d_weights * weights
         last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
         if pending_base is not None:
             last_grad += pending_base  # this row is the base of the sub-block after it
-        dwrites_ref[out_rows, :] = d_weights * to_last
+        dwrites_ref[out_rows, :] = dwrites
         dgates_ref[out_rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
         pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
         if r0 > 0:
@@ -1233,10 +1244,7 @@ def _chunk_contribution_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, l
     """One (batch, kv head, chunk): the chunk's own contribution to the slot state leaving it (the state that
     enters it taken as zero). ks [C, dk], vs [C, dv], gates, writes [C, m] float32, run [C] as `_state_kernel`.
     Outputs local_k [dk, m] = (writes * to_last)^T-weighted ks, local_v [m, dv] likewise (in their dtype)."""
-    chunk = run_ref.shape[0]
-    gate_last = gates_ref[chunk - 1, :]
-    last_run = run_ref[chunk - 1]
-    to_last, _ = _handover(gates_ref[...], run_ref[...], last_run, last_run, gate_last, gate_last)
+    _, to_last, _ = _sub_block_handover(gates_ref, run_ref, 0, 0, run_ref.shape[0])
     weights = (writes_ref[...] * to_last).astype(ks_ref.dtype)
     local_k_ref[...] = _dot(ks_ref[...], weights, trans_a=True).astype(local_k_ref.dtype)
     local_v_ref[...] = _dot(weights, vs_ref[...], trans_a=True).astype(local_v_ref.dtype)
@@ -1249,17 +1257,14 @@ def _chunk_contribution_backward_kernel(ks_ref, vs_ref, gates_ref, writes_ref, r
     weights_t = writes_t * exp(G_last - G_t) on the last row's run."""
     chunk = run_ref.shape[0]
     dtype = ks_ref.dtype
-    gate_last = gates_ref[chunk - 1, :]
-    last_run = run_ref[chunk - 1]
-    to_last, _ = _handover(gates_ref[...], run_ref[...], last_run, last_run, gate_last, gate_last)
-    weights = writes_ref[...] * to_last
-    d_local_k, d_local_v = d_local_k_ref[...].astype(dtype), d_local_v_ref[...].astype(dtype)
-    dks_ref[...] = _dot(weights.astype(dtype), d_local_k, trans_b=True).astype(dks_ref.dtype)
-    dvs_ref[...] = _dot(weights.astype(dtype), d_local_v).astype(dvs_ref.dtype)
-    d_weights = _dot(ks_ref[...], d_local_k) + _dot(vs_ref[...], d_local_v, trans_b=True)  # [C, m]
-    weight_gates = d_weights * weights
+    _, to_last, _ = _sub_block_handover(gates_ref, run_ref, 0, 0, chunk)
+    dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[...], vs_ref[...], writes_ref[...], to_last,
+                                                        d_local_k_ref[...].astype(dtype),
+                                                        d_local_v_ref[...].astype(dtype))
+    dks_ref[...] = dks.astype(dks_ref.dtype)
+    dvs_ref[...] = dvs.astype(dvs_ref.dtype)
     last_row = (jnp.arange(chunk) == chunk - 1)[:, None]
-    dwrites_ref[...] = d_weights * to_last
+    dwrites_ref[...] = dwrites
     dgates_ref[...] = jnp.where(last_row, jnp.sum(weight_gates, axis=0)[None, :], 0.0) - weight_gates
 
 
