@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
-from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
-                                   _state_backward, _state_splits, _window_backward, _window_dq,
+from pallas_kernels.triton import (_gates_and_writes, _heads_per_state_program, _output_backward, _outputs, _prepare,
+                                   _slot_states, _state_backward, _state_splits, _window_backward, _window_dq,
                                    nha_attention_triton, table_config)
 from pallas_kernels.tuning import triton_config
 
@@ -174,10 +174,11 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "stack4_warps8": dict(stacked_rows=64, output_warps=8, backward_warps=8),
     "chunk32_sub32_stack2": dict(chunk=32, sub_block=32, stacked_rows=64),
     "chunk32_sub32_stack4": dict(chunk=32, sub_block=32, stacked_rows=128, output_warps=8, backward_warps=8),
+    "chunk32_sub32_stack4_warps4": dict(chunk=32, sub_block=32, stacked_rows=128),
     "chunk32_sub16_stack4": dict(chunk=32, sub_block=16, stacked_rows=64),
     "key_block16": dict(key_block=16),
     "bwd_warps8": dict(backward_warps=8),
-    "scan_contributions": dict(scan_contribution_kernel=True),
+    "xla_contributions": dict(scan_contribution_kernel=False),
     "bwd_passes1": dict(backward_head_passes=1),
     "bwd_passes2": dict(backward_head_passes=2),
     "bwd_passes4": dict(backward_head_passes=4),
@@ -207,7 +208,8 @@ def breakdown(key, shape, reps, sweep):
         chunk = config.chunk
         prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
             q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
-        q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg_p, run = prep(q, k, v, la)
+        q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg_p, run = prep(q, k, v, la)
+        gates, writes = _gates_and_writes(log_gates, chunk, written=True)
         if name == sweep[0]:
             whole = jax.jit(pallas_fn(WINDOW))
             print(f"{shape} prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, whole forward "
@@ -240,7 +242,7 @@ def breakdown(key, shape, reps, sweep):
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
             delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
             args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
-            _, _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
+            _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
             timed("output_bwd", args)
             if config.separate_window_dq:
                 timed("window_dq", (qr, kr, v_p, d_out, lse, delta, seg_p))

@@ -3,8 +3,10 @@
 Layout of the computation (NHA_SPEC sections 1 and 3):
 - XLA prepares the inputs once: pads T to a multiple of the chunk and the head/slot dims to powers of two, applies
   RoPE to the window copies of q and k, shifts the slot inputs by W (k'_p = k_{p-W}: token j is written at step
-  j + W) and zeroes the writes that would cross a change of run id, and takes chunk-local cumulative gates G.
-  Everything here is differentiated by XLA, so the kernels only see the "core" problem below.
+  j + W) and zeroes the log gates (and so the writes) that would cross a change of run id. Everything here is
+  differentiated by XLA, so the kernels only see the "core" problem below. The custom_vjps of the core take the
+  log gates, turn them into chunk-local cumulative gates G and write strengths s (`_gates_and_writes`), and their
+  backward kernels give the log gates' gradient directly (`_log_gate_grad`).
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
   H^v_c [m, dv] that enter each chunk (in HBM, in the inputs' dtype: TritonConfig.input_dtype_states), and the
   final state.
@@ -27,9 +29,9 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   dk/dv without atomics. XLA sums what is left of each GQA group. With TritonConfig.separate_window_dq the window
   dq comes from `_window_dq_kernel`, a pass of its own.
 - When batch x kv heads x one chunk's state is small (TritonConfig.scan_states), the two sequential state kernels
-  give way to `_scanned_chunk_states` (per-chunk contributions as batched matmuls in XLA or, with
-  TritonConfig.scan_contribution_kernel, from `_chunk_contribution_kernel`; then `_chunk_scan`, an elementwise scan
-  kernel over chunks with its own reverse kernel) and `_core_given_states`, whose output backward gives the
+  give way to `_scanned_chunk_states` (per-chunk contributions from `_chunk_contribution_kernel`, or as batched
+  matmuls in XLA without TritonConfig.scan_contribution_kernel; then `_chunk_scan`, an elementwise scan kernel over
+  chunks with its own reverse kernel) and `_core_given_states`, whose output backward gives the
   gradient of each chunk's entering state directly (q^T a and p^T do over the chunk's rows).
 - A program that owns one query head reads and writes plain [rows, d] blocks (`_head_block`), without the head
   axis that stacked heads need.
@@ -442,7 +444,7 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
 
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
-                            dq_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, state_k_ref, state_v_ref, *dqr_ref,
+                            dq_ref, dks_ref, dvs_ref, dlog_gates_ref, state_k_ref, state_v_ref, *dqr_ref,
                             chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
                             chunk_state_grads, passes):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
@@ -452,8 +454,8 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
     (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
     window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
-    dtype), dwrites [C, m], dgates [C, m] (float32) through the pairs inside each sub-block and the decay of the
-    state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter
+    dtype) and float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs
+    inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter
     (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs'
     dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
     scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so
@@ -474,7 +476,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
 
     state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
     state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
-    previous_dgates = None
+    # Per sub-block, the gradients of its gates and write strengths, kept to the chunk's end: a row's log gate
+    # takes the gradient of the gate of every later row of the chunk.
+    gate_grads = []
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
@@ -539,20 +543,20 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         if chunk_state_grads:
             state_k_ref[...] = sums[5].astype(state_k_ref.dtype)
             state_v_ref[...] = sums[6].astype(state_v_ref.dtype)
-        dwrites_ref[blk, :] = d_writes
-        dgates = dgates_heads - writes * d_writes
         if r0 > 0:
-            # G_base is the previous sub-block's last row: its gradient lands there, then that block is final.
-            previous_dgates -= jnp.where(last_row, inter_gate_sum[None, :], 0.0)
-            dgates_ref[pl.ds(r0 - sub, sub), :] = previous_dgates
-        previous_dgates = dgates
+            # G_base is the previous sub-block's last row: its gradient lands there.
+            gate_grads[-1][0] = gate_grads[-1][0] - jnp.where(last_row, inter_gate_sum[None, :], 0.0)
+        gate_grads.append([dgates_heads - writes * d_writes, d_writes, writes])
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
             to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
             state.advance(decay, (writes * to_last).astype(dtype), ks, vs)
             state_run = last_run
-    dgates_ref[pl.ds(chunk - sub, sub), :] = previous_dgates
+    later = jnp.zeros((m_pad,), jnp.float32)
+    for r0, (dgates, d_writes, writes) in reversed(list(zip(range(0, chunk, sub), gate_grads))):
+        dlog_gates_ref[pl.ds(r0, sub), :] = _log_gate_grad(dgates, d_writes, writes, later)
+        later = later + jnp.sum(dgates, axis=0)
 
 
 def _window_query_grad(qr, d_out, lse, delta, t0, rows, heads, seg_ref, kr_ref, v_ref, *, key_block, window,
@@ -620,6 +624,20 @@ def _write_term_grads(ks, vs, writes, to_last, dhk, dhv):
     return dks, dvs, d_weights * to_last, d_weights * weights
 
 
+def _log_gate_grad(dgates, dwrites, writes, later):
+    """The gradient of R rows' log gates (`_gates_and_writes`: G = their chunk-local cumulative sum, s =
+    -expm1(log alpha)) from the gradients of the gates and write strengths, as the backward kernels emit it: G_t
+    takes it back to every row up to t of the chunk (a reverse cumulative sum over the rows, plus later [m], the
+    summed gradient of the gates of the chunk's rows after them), and ds/dlog alpha = s - 1. dgates, dwrites,
+    writes [R, m] float32. Returns [R, m] float32.
+
+    The reverse cumulative sum is the total less a forward one (Pallas' Triton lowering has only forward
+    cumsums). As an exact float32 dot with a triangular matrix of ones it cost more in the kernels than it saved
+    in XLA (H100, NHA-340M's layer: output backward 0.544 -> 0.598 ms)."""
+    after = jnp.sum(dgates, axis=0) + later
+    return after[None, :] - jnp.cumsum(dgates, axis=0) + dgates + dwrites * (writes - 1.0)
+
+
 def _add_query_state_grads(dhk, dhv, q_ref, do_ref, a_ref, p_ref, rows):
     """dH^k += q^T a, dH^v += p^T do over `rows` of every query head of the program (the gradient that the rows'
     slot logits and slot reads give the state entering their sub-block). q, do [Tp, G, d]; a, p [Tp, G, m]."""
@@ -659,7 +677,7 @@ def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, gates_ref, run_ref, dhk_last
 
 
 def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
-                           hk_ref, hv_ref, dhk_ref, dhv_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref, *, chunk, sub):
+                           hk_ref, hv_ref, dhk_ref, dhv_ref, dks_ref, dvs_ref, dlog_gates_ref, *, chunk, sub):
     """The gradients through the slot-state hand-over of one (batch, owner, chunk), given the gradient of the state
     leaving the chunk (`_state_grad_kernel`): parallel over chunks.
 
@@ -667,14 +685,15 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
     and the forward; hk [dk, m], hv [m, dv] the forward's state entering the chunk; dhk [dk, m], dhv [m, dv] the
     gradient of the state leaving it. Walks the forward's sub-blocks last to first (H_next = decay * H +
     (writes * to_last)^T @ (ks | vs)), recomputing the state at inner sub-block boundaries and carrying dH back
-    over them. Outputs the chunk's dks [C, dk], dvs [C, dv] (inputs' dtype) and float32 dwrites, dgates [C, m].
-    q, do, a, p are read only with several sub-blocks per chunk.
+    over them. Outputs the chunk's dks [C, dk], dvs [C, dv] (inputs' dtype) and float32 dlog_gates [C, m]
+    (`_log_gate_grad`). q, do, a, p are read only with several sub-blocks per chunk.
     """
     dtype = ks_ref.dtype
     c0 = pl.program_id(2) * chunk
     last_row = (jnp.arange(sub) == sub - 1)[:, None]
     dhk, dhv = dhk_ref[...].astype(jnp.float32), dhv_ref[...].astype(jnp.float32)
     pending_base = None
+    later = jnp.zeros((gates_ref.shape[-1],), jnp.float32)  # the gates' gradient of the sub-blocks done
     for r0 in reversed(range(0, chunk, sub)):
         # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
         hk, hv = hk_ref[...].astype(jnp.float32), hv_ref[...].astype(jnp.float32)
@@ -684,8 +703,9 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
             hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
             hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
         rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, r0, sub)
-        dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[rows, :], vs_ref[rows, :], writes_ref[rows, :],
-                                                            to_last, dhk.astype(dtype), dhv.astype(dtype))
+        writes = writes_ref[rows, :]
+        dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[rows, :], vs_ref[rows, :], writes, to_last,
+                                                            dhk.astype(dtype), dhv.astype(dtype))
         out_rows = pl.ds(r0, sub)
         dks_ref[out_rows, :] = dks.astype(dks_ref.dtype)
         dvs_ref[out_rows, :] = dvs.astype(dvs_ref.dtype)
@@ -693,8 +713,9 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
         last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
         if pending_base is not None:
             last_grad += pending_base  # this row is the base of the sub-block after it
-        dwrites_ref[out_rows, :] = dwrites
-        dgates_ref[out_rows, :] = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
+        dgates = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
+        dlog_gates_ref[out_rows, :] = _log_gate_grad(dgates, dwrites, writes, later)
+        later = later + jnp.sum(dgates, axis=0)
         pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
         if r0 > 0:
             dhk, dhv = _add_query_state_grads(dhk * decay[None, :], dhv * decay[:, None], q_ref, do_ref, a_ref,
@@ -889,10 +910,10 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
     [B, Tp, H].
 
-    Returns (dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
+    Returns (dq, dks, dvs, dlog_gates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
     them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
-    each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dwrites, dgates [B, Tp, H / S, m]
-    float32 (they feed the gates' cumulative sums); the state's share (see the kernel): a, p [B, Tp, H, m] in
+    each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dlog_gates [B, Tp, H / S, m]
+    float32 (`_log_gate_grad`); the state's share (see the kernel): a, p [B, Tp, H, m] in
     q.dtype (the state backward's dot operands), or with chunk_state_grads the gradients of the states entering each
     chunk per program, dhk [B, nC, H / S, dk, m] and dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq
     [B, Tp, H, dk] in q.dtype, None when W = 0 or config.separate_window_dq (`_window_dq` then).
@@ -923,14 +944,14 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
-        out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), program_chunk(m),
-                   *state_specs, *window_specs],
+        out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), *state_specs,
+                   *window_specs],
         out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
-                   per_program_out(m), *state_shapes, *window_shapes],
+                   *state_shapes, *window_shapes],
         gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.backward_warps, stages=config.backward_stages,
         interpret=interpret)
-    return (*grads[:7], grads[7] if window_here else None)
+    return (*grads[:6], grads[6] if window_here else None)
 
 
 def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
@@ -973,8 +994,8 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
     q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
     the forward's states entering each chunk [B, nC, Hkv, ...]; dhk_last [B, owners, dk, m], dhv_last
     [B, owners, m, dv] the final-state gradient given to each owner. Returns per owner: dks [B, Tp, owners, dk],
-    dvs [B, Tp, owners, dv] in ks.dtype; float32 dwrites and dgates [B, Tp, owners, m], dhk0 [B, owners, dk, m],
-    dhv0 [B, owners, m, dv].
+    dvs [B, Tp, owners, dv] in ks.dtype; float32 dlog_gates [B, Tp, owners, m] (`_log_gate_grad`), dhk0
+    [B, owners, dk, m], dhv0 [B, owners, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
     kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
@@ -1033,22 +1054,21 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
     def owner_rows(width):
         return pl.BlockSpec((None, chunk, None, width), lambda b, o, c: (b, c, o, 0))
 
-    dks, dvs, dwrites, dgates = pl.pallas_call(
+    dks, dvs, dlog_gates = pl.pallas_call(
         functools.partial(_state_backward_kernel, chunk=chunk, sub=sub),
         grid=(batch, owners, num_chunks),
         in_specs=[head_tokens(dk), head_tokens(dv), head_tokens(m), head_tokens(m), kv_tokens(dk), kv_tokens(dv),
                   kv_tokens(m), kv_tokens(m), runs, chunk_state(kv_head)(dk, m), chunk_state(kv_head)(m, dv),
                   chunk_state(lambda o: o)(dk, m), chunk_state(lambda o: o)(m, dv)],
-        out_specs=[owner_rows(dk), owner_rows(dv), owner_rows(m), owner_rows(m)],
+        out_specs=[owner_rows(dk), owner_rows(dv), owner_rows(m)],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), ks.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, owners, dv), ks.dtype),
-                   jax.ShapeDtypeStruct((batch, t_pad, owners, m), f32),
                    jax.ShapeDtypeStruct((batch, t_pad, owners, m), f32)],
         compiler_params=params,
         interpret=interpret,
         name="nha_state_backward",
     )(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk, dhv)
-    return dks, dvs, dwrites, dgates, dhk0, dhv0
+    return dks, dvs, dlog_gates, dhk0, dhv0
 
 
 def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
@@ -1251,21 +1271,22 @@ def _chunk_contribution_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, l
 
 
 def _chunk_contribution_backward_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, d_local_k_ref,
-                                        d_local_v_ref, dks_ref, dvs_ref, dwrites_ref, dgates_ref):
+                                        d_local_v_ref, dks_ref, dvs_ref, dlog_gates_ref):
     """Backward of `_chunk_contribution_kernel` for one (batch, kv head, chunk): from d_local_k [dk, m] and
-    d_local_v [m, dv], dks [C, dk], dvs [C, dv] (their dtype) and float32 dwrites, dgates [C, m], through
-    weights_t = writes_t * exp(G_last - G_t) on the last row's run."""
+    d_local_v [m, dv], dks [C, dk], dvs [C, dv] (their dtype) and float32 dlog_gates [C, m] (`_log_gate_grad`),
+    through weights_t = writes_t * exp(G_last - G_t) on the last row's run."""
     chunk = run_ref.shape[0]
     dtype = ks_ref.dtype
     _, to_last, _ = _sub_block_handover(gates_ref, run_ref, 0, 0, chunk)
-    dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[...], vs_ref[...], writes_ref[...], to_last,
+    writes = writes_ref[...]
+    dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[...], vs_ref[...], writes, to_last,
                                                         d_local_k_ref[...].astype(dtype),
                                                         d_local_v_ref[...].astype(dtype))
     dks_ref[...] = dks.astype(dks_ref.dtype)
     dvs_ref[...] = dvs.astype(dvs_ref.dtype)
     last_row = (jnp.arange(chunk) == chunk - 1)[:, None]
-    dwrites_ref[...] = dwrites
-    dgates_ref[...] = jnp.where(last_row, jnp.sum(weight_gates, axis=0)[None, :], 0.0) - weight_gates
+    dgates = jnp.where(last_row, jnp.sum(weight_gates, axis=0)[None, :], 0.0) - weight_gates
+    dlog_gates_ref[...] = _log_gate_grad(dgates, dwrites, writes, jnp.zeros((writes.shape[1],), jnp.float32))
 
 
 def _chunk_contribution_specs(ks, vs, gates, chunk):
@@ -1278,17 +1299,19 @@ def _chunk_contribution_specs(ks, vs, gates, chunk):
     return (batch, kv_heads, t_pad // chunk), rows, run, state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _chunk_contributions(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written):
     """Each chunk's own contribution to the slot state leaving it, as `_scanned_chunk_states` needs them, in a
-    Pallas kernel (TritonConfig.scan_contribution_kernel) instead of XLA's batched matmuls.
+    Pallas kernel (TritonConfig.scan_contribution_kernel): XLA merges its batched matmuls over (ks | vs), then
+    slices and transposes the result apart.
 
-    ks [B, Tp, Hkv, dk], vs [B, Tp, Hkv, dv], gates, writes [B, Tp, Hkv, m] float32, run [B, Tp]. Returns
-    local_k [B, nC, Hkv, dk, m] and local_v [B, nC, Hkv, m, dv] in state_dtype."""
-    return _chunk_contributions_fwd(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret)[0]
+    ks [B, Tp, Hkv, dk], vs [B, Tp, Hkv, dv], log_gates [B, Tp, Hkv, m] float32 (`_gates_and_writes`, with
+    `written`), run [B, Tp]. Returns local_k [B, nC, Hkv, dk, m] and local_v [B, nC, Hkv, m, dv] in state_dtype."""
+    return _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written)[0]
 
 
-def _chunk_contributions_fwd(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret):
+def _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written):
+    gates, writes = _gates_and_writes(log_gates, chunk, written)
     grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
     (batch, kv_heads, num_chunks), dk, dv, m = grid, ks.shape[3], vs.shape[3], gates.shape[3]
     local = pl.pallas_call(
@@ -1305,50 +1328,58 @@ def _chunk_contributions_fwd(ks, vs, gates, writes, run, chunk, state_dtype, con
     return tuple(local), (ks, vs, gates, writes, run)
 
 
-def _chunk_contributions_bwd(chunk, state_dtype, config, interpret, residuals, cotangents):
+def _chunk_contributions_bwd(chunk, state_dtype, config, interpret, written, residuals, cotangents):
+    del written
     ks, vs, gates, writes, run = residuals
     d_local_k, d_local_v = cotangents
     grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
     dk, dv, m = ks.shape[3], vs.shape[3], gates.shape[3]
-    dks, dvs, dwrites, dgates = pl.pallas_call(
+    dks, dvs, dlog_gates = pl.pallas_call(
         _chunk_contribution_backward_kernel,
         grid=grid,
         in_specs=[rows(dk), rows(dv), rows(m), rows(m), run_spec, state(dk, m), state(m, dv)],
-        out_specs=[rows(dk), rows(dv), rows(m), rows(m)],
+        out_specs=[rows(dk), rows(dv), rows(m)],
         out_shape=[jax.ShapeDtypeStruct(ks.shape, ks.dtype), jax.ShapeDtypeStruct(vs.shape, vs.dtype),
-                   jax.ShapeDtypeStruct(gates.shape, jnp.float32), jax.ShapeDtypeStruct(gates.shape, jnp.float32)],
+                   jax.ShapeDtypeStruct(gates.shape, jnp.float32)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
         interpret=interpret,
         name="nha_chunk_contributions_backward",
     )(ks, vs, gates, writes, run, d_local_k.astype(state_dtype), d_local_v.astype(state_dtype))
-    return dks, dvs, dgates, dwrites, None
+    return dks, dvs, dlog_gates, None
 
 
 _chunk_contributions.defvjp(_chunk_contributions_fwd, _chunk_contributions_bwd)
 
 
-def _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, state_dtype, config, interpret):
-    """The slot states entering each chunk: every chunk's own contribution at once in XLA (batched matmuls over the
-    chunks), then `_chunk_scan` over chunks of H_next = decay * H + local (elementwise: no dots in the dependent
-    chain). The same values as `_slot_states`; XLA differentiates the matmuls, `_chunk_scan` has its own backward.
+def _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, state_dtype, config, interpret, written):
+    """The slot states entering each chunk: every chunk's own contribution at once (`_chunk_contributions`, or
+    batched matmuls over the chunks in XLA without TritonConfig.scan_contribution_kernel), then `_chunk_scan` over
+    chunks of H_next = decay * H + local (elementwise: no dots in the dependent chain). The same values as
+    `_slot_states`; the contribution kernel and `_chunk_scan` have their own backward (XLA differentiates its
+    matmuls).
     The contributions (and their gradients) are stored in state_dtype like the states: in bf16 they move half the
     bytes of float32, which at B = 1, T = 32768, dk = dv = 128 are 537 MB per tensor.
 
-    Shapes as `_slot_states`. Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final
-    states hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
+    Shapes as `_slot_states`, with log_gates [B, Tp, Hkv, m] float32 for gates and writes (`_gates_and_writes`).
+    Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final states hk_final
+    [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
     """
     batch, t_pad = ks.shape[:2]
     num_chunks = t_pad // chunk
     per_chunk = lambda x: x.reshape((batch, num_chunks, chunk) + x.shape[2:])
-    gates_c, runs = per_chunk(gates), per_chunk(run)  # [B, nC, C, Hkv, m], [B, nC, C]
-    last_run, gate_last = runs[:, :, -1], gates_c[:, :, -1]  # [B, nC], [B, nC, Hkv, m]
+    runs = per_chunk(run)  # [B, nC, C]
+    # G at the chunk's last row, as a sum (its gradient a broadcast over the chunk's rows, not a cumsum's).
+    last_run, gate_last = runs[:, :, -1], jnp.sum(per_chunk(log_gates), axis=2)  # [B, nC], [B, nC, Hkv, m]
     # As _handover with base 0: only the last row's run reaches the state leaving the chunk, and the state entering
     # the chunk passes through only if its run is still the last row's.
     if config.scan_contribution_kernel:
-        local_k, local_v = _chunk_contributions(ks, vs, gates, writes, run, chunk, state_dtype, config, interpret)
+        local_k, local_v = _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret,
+                                                written)
     else:
+        gates, writes = _gates_and_writes(log_gates, chunk, written)
+        gates_c = per_chunk(gates)  # [B, nC, C, Hkv, m]
         to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
-                            jnp.exp(gate_last[:, :, None] - gates_c), 0.0)
+                            jnp.exp(gates_c[:, :, -1:] - gates_c), 0.0)
         weights = (per_chunk(writes) * to_last).astype(ks.dtype)
         einsum = functools.partial(jnp.einsum, precision=_xla_precision(ks.dtype),
                                    preferred_element_type=state_dtype)
@@ -1366,14 +1397,14 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
     """The backward kernels both custom_vjps share: the output backward, the window dq (inside it, or
     `_window_dq`) and the window backward.
 
-    Returns d_out in q.dtype; (dq, dqr, dks, dvs, dwrites, dgates, and a, p or with chunk_state_grads dhk, dhv) as
+    Returns d_out in q.dtype; (dq, dqr, dks, dvs, dlog_gates, and a, p or with chunk_state_grads dhk, dhv) as
     `_output_backward` gives them, with dqr [B, Tp, H, dk] in qr.dtype (zeros when W = 0); and the window's dkr
     [B, Tp, N, dk], dv [B, Tp, N, dv] in kr.dtype (N a multiple of Hkv: `_group_sum` finishes them; zeros when
     W = 0).
     """
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
-    dq, dks, dvs, dwrites, dgates, state_k, state_v, dqr = _output_backward(
+    dq, dks, dvs, dlog_gates, state_k, state_v, dqr = _output_backward(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window, num_slots=num_slots,
         scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=chunk_state_grads)
     if window == 0:
@@ -1381,7 +1412,7 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
     elif dqr is None:
         dqr = _window_dq(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk, config=config,
                          interpret=interpret)
-    output_grads = (dq, dqr, dks, dvs, dwrites, dgates, state_k, state_v)
+    output_grads = (dq, dqr, dks, dvs, dlog_gates, state_k, state_v)
     if window > 0:
         dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
                                    config=config, interpret=interpret)
@@ -1399,25 +1430,24 @@ def _group_sum(x, kv_heads):
     return x.reshape(x.shape[:2] + (kv_heads, owners // kv_heads) + x.shape[3:]).sum(axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))
-def _core(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
-          config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16, 17))
+def _core(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret, config,
+          written):
     """The core problem prepared by `_prepare`, differentiable in its float inputs, with the sequential slot-state
     kernels (`_slot_states` forward, `_state_backward` for its gradient).
 
-    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; gates, writes [B, Tp, Hkv, m] float32;
-    hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`.
-    config: the tuning.TritonConfig. Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final
-    [B, Hkv, m, dv] (float32).
+    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; log_gates [B, Tp, Hkv, m] float32, the
+    kernels' gates and writes (`_gates_and_writes`, with `written`); hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv]
+    float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`. config: the tuning.TritonConfig. Returns
+    o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] (float32).
     """
-    out, _, _, _, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
-                                                window=window, num_slots=num_slots, scale=scale, chunk=chunk,
-                                                interpret=interpret, config=config)
-    return out, hk_final, hv_final
+    return _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk,
+                     interpret, config, written)[0]
 
 
-def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
-              config):
+def _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
+              config, written):
+    gates, writes = _gates_and_writes(log_gates, chunk, written)
     out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
                                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk,
                                                     interpret=interpret, config=config)
@@ -1425,13 +1455,14 @@ def _core_fwd(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, window, n
     return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv)
 
 
-def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cotangents):
+def _core_bwd(window, num_slots, scale, chunk, interpret, config, written, residuals, cotangents):
+    del written
     q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv = residuals
     d_out, dhk_final, dhv_final = cotangents
     batch, _, heads, _ = q.shape
     kv_heads = ks.shape[2]
     group = heads // kv_heads
-    d_out, (dq, dqr, dks, dvs, dwrites, dgates, a, p), dkr, dv = _output_side_grads(
+    d_out, (dq, dqr, dks, dvs, dlog_gates, a, p), dkr, dv = _output_side_grads(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
@@ -1446,7 +1477,7 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cot
         spread = jnp.zeros((batch, kv_heads, group) + x.shape[2:], jnp.float32).at[:, :, 0].set(x)
         return spread.reshape((batch, heads) + x.shape[2:])
 
-    dks_state, dvs_state, dwrites_state, dgates_state, dhk0, dhv0 = _state_backward(
+    dks_state, dvs_state, dlog_gates_state, dhk0, dhv0 = _state_backward(
         q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, state_owners(dhk_final), state_owners(dhv_final),
         chunk=chunk, config=config, interpret=interpret)
 
@@ -1460,17 +1491,16 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cot
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             (group_sum(dks) + owners_to_kv(dks_state)).astype(ks.dtype),
             (group_sum(dvs) + owners_to_kv(dvs_state)).astype(vs.dtype),
-            group_sum(dgates) + owners_to_kv(dgates_state),
-            group_sum(dwrites) + owners_to_kv(dwrites_state),
+            group_sum(dlog_gates) + owners_to_kv(dlog_gates_state),
             owner_states_to_kv(dhk0), owner_states_to_kv(dhv0), None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17))
-def _core_given_states(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window, num_slots, scale, chunk,
-                       interpret, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16, 17))
+def _core_given_states(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
+                       interpret, config, written):
     """The core problem with the states entering each chunk given (by `_scanned_chunk_states`): the output kernel,
     and as its gradient the output and window backward kernels plus the gradient of each chunk's entering state.
 
@@ -1478,31 +1508,32 @@ def _core_given_states(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, wi
     sub-block per chunk (the output backward's per-row state factors then refer to the chunk's entering state).
     Returns o [B, Tp, H, dv] in q.dtype.
     """
-    out, _ = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
-                      scale=scale, chunk=chunk, config=config, interpret=interpret)
-    return out
+    return _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale,
+                                  chunk, interpret, config, written)[0]
 
 
-def _core_given_states_fwd(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window, num_slots, scale, chunk,
-                           interpret, config):
+def _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
+                           interpret, config, written):
+    gates, writes = _gates_and_writes(log_gates, chunk, written)
     out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
                         scale=scale, chunk=chunk, config=config, interpret=interpret)
     out, lse, hk, hv = name_residuals(out, lse, hk, hv)
     return out, (q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse)
 
 
-def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, residuals, d_out):
+def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, written, residuals, d_out):
+    del written
     q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse = residuals
     # The gradient of the state entering a chunk (its rows' q^T a and p^T do) comes from the output backward per
     # program, summed here over the rest of each GQA group.
-    d_out, (dq, dqr, dks, dvs, dwrites, dgates, dhk, dhv), dkr, dv = _output_side_grads(
+    d_out, (dq, dqr, dks, dvs, dlog_gates, dhk, dhv), dkr, dv = _output_side_grads(
         q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=True)
     group_sum = functools.partial(_group_sum, kv_heads=ks.shape[2])
     state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x).astype(x.dtype)
     return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
-            group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dgates),
-            group_sum(dwrites), state_sum(dhk), state_sum(dhv), None, None)
+            group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dlog_gates),
+            state_sum(dhk), state_sum(dhv), None, None)
 
 
 _core_given_states.defvjp(_core_given_states_fwd, _core_given_states_bwd)
@@ -1557,6 +1588,20 @@ def _chunk_cumsum(x, chunk):
     return summed.reshape(x.shape)
 
 
+def _gates_and_writes(log_gates, chunk, written):
+    """The kernels' gates and write strengths from the log gates [B, Tp, Hkv, m] float32 (shifted by W, 0 where
+    nothing is written): gates G, their cumulative sums restarting at every chunk, and writes s = 1 - alpha =
+    -expm1(log alpha) (0 where the log gate is 0). The custom_vjps take the log gates and their backward kernels
+    give the log gates' gradient directly (`_log_gate_grad`): no cumsum's transpose or separate write-strength
+    gradient left for XLA. written False (W >= T: no token reaches the slots, every log gate is 0) gives constant
+    zeros: left as a cumsum of that constant, XLA:GPU constant-folds it element by element, minutes of compile time
+    per full-window layer."""
+    if not written:
+        zeros = jnp.zeros_like(log_gates)
+        return zeros, zeros
+    return _chunk_cumsum(log_gates, chunk), -jnp.expm1(log_gates)
+
+
 def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, window, rope_theta, block_size):
     """XLA preparation of the core problem (see the module docstring) in chunks of block_size tokens (a power of two
     >= 16). Returns (core_args, chunk)."""
@@ -1589,14 +1634,7 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
         return jnp.pad(x, [(0, 0), (window, 0), (0, 0), (0, 0)])[:, :t_pad]
 
     la_src = shift(_pad_axis(log_alpha.astype(jnp.float32), 1, t_pad))
-    shifted_gates = jnp.where(writes_ok[:, :, None, None], la_src, 0.0)
-    writes = jnp.where(writes_ok[:, :, None, None], -jnp.expm1(la_src), 0.0)
-    if window >= seq:
-        # No token reaches the slots, so every gate is a constant 0. Left as a cumsum of that constant, XLA:GPU
-        # constant-folds it element by element: minutes of compile time per full-window layer.
-        gates = jnp.zeros_like(shifted_gates)
-    else:
-        gates = _chunk_cumsum(shifted_gates, chunk)
+    log_gates = jnp.where(writes_ok[:, :, None, None], la_src, 0.0)
     ks, vs = shift(k_p), shift(v_p)
     run = jnp.maximum(seg, 0)  # dummy tokens (-1) are transparent to the slots: run 0's state passes through
 
@@ -1605,11 +1643,11 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     pad_dim = lambda x, size: _pad_axis(x, x.ndim - 1, size)
     q_p, qr, kr, ks = (pad_dim(x, dk_pad) for x in (q_p, qr, kr, ks))
     v_p, vs = pad_dim(v_p, dv_pad), pad_dim(vs, dv_pad)
-    gates, writes = pad_dim(gates, m_pad), pad_dim(writes, m_pad)
+    log_gates = pad_dim(log_gates, m_pad)
     hk0 = pad_dim(_pad_axis(hk0.astype(jnp.float32), 2, dk_pad), m_pad)
     hv0 = pad_dim(_pad_axis(hv0.astype(jnp.float32), 2, m_pad), dv_pad)
 
-    core_args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg, run)
+    core_args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run)
     return core_args, chunk
 
 
@@ -1641,14 +1679,15 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     config = config or table_config(k.shape[0], k.shape[2], dk, dv, m)
     core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
                                 rope_theta=rope_theta, block_size=block_size or config.chunk)
-    statics = (window, m, float(scale), chunk, bool(interpret), config)
+    written = window < seq  # some token reaches the slots
+    statics = (window, m, float(scale), chunk, bool(interpret), config, written)
     if config.scan_states and min(config.sub_block, chunk) == chunk:
-        q_p, qr, kr, v_p, ks, vs, gates, writes, hk0, hv0, seg, run = core_args
+        q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run = core_args
         state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
-        hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk,
+        hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, chunk=chunk,
                                                              state_dtype=state_dtype, config=config,
-                                                             interpret=interpret)
-        out = _core_given_states(q_p, qr, kr, v_p, ks, vs, gates, writes, hk_chunks, hv_chunks, seg, run, *statics)
+                                                             interpret=interpret, written=written)
+        out = _core_given_states(q_p, qr, kr, v_p, ks, vs, log_gates, hk_chunks, hv_chunks, seg, run, *statics)
     else:
         out, hk, hv = _core(*core_args, *statics)
     out = out[:, :seq, :, :dv]

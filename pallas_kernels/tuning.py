@@ -93,8 +93,8 @@ class TritonConfig:
       dividing the group with S * sub_block <= stacked_rows: the kv head's keys, gates and states are loaded once
       for them, and their rows stack into [S * sub_block, d] tiles (sub_block or less: one head per program).
     scan_contribution_kernel: with scan_states, each chunk's own contribution to the slot states (and its
-      gradient) comes from a Pallas kernel over (B, Hkv, chunks) instead of XLA's batched matmuls, which XLA merges
-      over (ks | vs) and then slices and transposes apart.
+      gradient) comes from a Pallas kernel over (B, Hkv, chunks); False: from XLA's batched matmuls, which XLA
+      merges over (ks | vs) and then slices and transposes apart.
     backward_head_passes: the output backward takes its S stacked heads in this many passes of S / passes heads
       (a power of two), adding up the kv head's gradients across them in registers: the live tiles of fewer heads,
       without per-program partial gradients left for XLA to sum over the GQA group.
@@ -129,7 +129,7 @@ class TritonConfig:
     separate_window_dq: bool = False
     window_stages: int | None = None
     backward_head_passes: int = 1
-    scan_contribution_kernel: bool = False
+    scan_contribution_kernel: bool = True
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16
     scan_warps: int = 4

@@ -16,8 +16,8 @@ from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import live_kernel_calls, max_rel_err
 from pallas_kernels import triton
-from pallas_kernels.triton import (_FACTORED_SPAN, _chunk_scan, _prepare, _stacked_heads, _strong_chunks,
-                                   nha_attention_triton)
+from pallas_kernels.triton import (_FACTORED_SPAN, _chunk_scan, _gates_and_writes, _prepare, _stacked_heads,
+                                   _strong_chunks, nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
@@ -78,7 +78,7 @@ def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub
     and the gates."""
     core_args, chunk = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
                                 block_size=block_size)
-    gates = core_args[6]  # [B, Tp, Hkv, m] chunk-local cumulative
+    gates, _ = _gates_and_writes(core_args[6], chunk, written=True)  # [B, Tp, Hkv, m] chunk-local cumulative
     batch, t_pad, kv_heads, m = gates.shape
     last = gates[:, sub - 1::sub]  # each sub-block's last row
     base = jnp.where((jnp.arange(t_pad // sub) * sub % chunk == 0)[None, :, None, None], 0.0,
@@ -101,10 +101,9 @@ def test_forward_and_gradients_match_naive(case, states):
                                  separate_window_dq=False, backward_head_passes=2)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config.stacked_rows) == (group if group & (group - 1) == 0 else 1)
-    if states == "scan":  # also the window dq in its own kernel, the stacked heads in passes of one head, and the
-        # chunks' contributions to the slot states from their Pallas kernel
+    if states == "scan":  # also the window dq in its own kernel and the stacked heads in passes of one head
         config = dataclasses.replace(config, sub_block=block_size, separate_window_dq=True, window_stages=1,
-                                     backward_head_passes=4, scan_contribution_kernel=True)
+                                     backward_head_passes=4)
     _check_against_naive(case, config)
 
 
@@ -186,7 +185,7 @@ def test_chunk_scan_matches_a_python_loop(decay_axis):
 def test_initial_and_final_slots_match_recurrent(scan_states):
     """slot_k0/slot_v0 seen by run 0 only; return_slots = the state after T-1; gradients reach the initial slots.
     Also the W = 0 case of the grid (Gated Slot Attention), with GQA, segments and odd T; with the slot states
-    from the sequential kernels or the chunk scan."""
+    from the sequential kernels or the chunk scan (its contributions from XLA)."""
     batch, seq, heads, kv_heads, dk, dv, m, window = 2, 35, 2, 1, 16, 16, 16, 0
     q, k, v, log_alpha, cotangent = _inputs(3, batch, seq, heads, kv_heads, dk, dv, m)
     keys = jax.random.split(jax.random.PRNGKey(4), 2)
@@ -201,7 +200,9 @@ def test_initial_and_final_slots_match_recurrent(scan_states):
                                     scale=dk ** -0.5, rope_theta=ROPE, return_slots=True, interpret=True,
                                     block_size=16, config=config)
 
-    config = dataclasses.replace(triton_config(dk), scan_states=scan_states)
+    # The scan path here takes the chunks' contributions from XLA's matmuls (the dk = 128 row's way); the grid of
+    # test_forward_and_gradients_match_naive covers their Pallas kernel.
+    config = dataclasses.replace(triton_config(dk), scan_states=scan_states, scan_contribution_kernel=False)
 
     def recurrent(q, k, v, log_alpha, slot_k0, slot_v0):
         state = init_state(batch, kv_heads, m, dk, dv, window)._replace(slot_k=slot_k0, slot_v=slot_v0,
