@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from bench.common import kernel_table, make_inputs, print_kernel_table
 from nha_jax.ops import nha_attention
 from nha_jax.ops.segments import runs_and_positions
-from pallas_kernels.triton import (_gates_and_writes, _heads_per_state_program, _output_backward, _outputs, _prepare,
-                                   _slot_states, _state_backward, _state_splits, _window_backward, _window_dq,
+from pallas_kernels.triton import (_heads_per_state_program, _output_backward, _outputs, _prepare, _slot_states,
+                                   _state_backward, _state_splits, _window_backward, _window_dq,
                                    nha_attention_triton, table_config)
 from pallas_kernels.tuning import triton_config
 
@@ -209,7 +209,6 @@ def breakdown(key, shape, reps, sweep):
         prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
             q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
         q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg_p, run = prep(q, k, v, la)
-        gates, writes = _gates_and_writes(log_gates, chunk, written=True)
         if name == sweep[0]:
             whole = jax.jit(pallas_fn(WINDOW))
             print(f"{shape} prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, whole forward "
@@ -233,15 +232,15 @@ def breakdown(key, shape, reps, sweep):
             print(f"{shape} {name} {kernel} {times[kernel]:.3f} ms", flush=True)
 
         try:
-            args = (ks, vs, gates, writes, hk0, hv0, run)
+            args = (ks, vs, log_gates, hk0, hv0, run)
             hk, hv, hk_last, hv_last = kernels["state"](*args)
             timed("state", args)
-            args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run)
+            args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run)
             out, lse = kernels["output"](*args)
             timed("output", args)
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
             delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-            args = (q_p, qr, kr, v_p, ks, vs, gates, writes, hk, hv, seg_p, run, d_out, lse, delta)
+            args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run, d_out, lse, delta)
             _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
             timed("output_bwd", args)
             if config.separate_window_dq:
@@ -250,7 +249,7 @@ def breakdown(key, shape, reps, sweep):
             owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS, batch * KV_HEADS * splits, config)
             dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)
             dhv_last = jnp.zeros((batch, owners) + hv_last.shape[2:], jnp.float32)
-            timed("state_bwd", (q_p, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last))
+            timed("state_bwd", (q_p, d_out, a, p, ks, vs, log_gates, run, hk, hv, dhk_last, dhv_last))
             timed("window_bwd", (qr, kr, v_p, d_out, lse, delta, seg_p))
         except Exception as err:  # a variant that does not compile is reported and skipped
             print(f"{shape} {name}: {type(err).__name__}: {str(err)[:300]}")

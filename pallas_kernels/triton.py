@@ -4,9 +4,9 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
 - XLA prepares the inputs once: pads T to a multiple of the chunk and the head/slot dims to powers of two, applies
   RoPE to the window copies of q and k, shifts the slot inputs by W (k'_p = k_{p-W}: token j is written at step
   j + W) and zeroes the log gates (and so the writes) that would cross a change of run id. Everything here is
-  differentiated by XLA, so the kernels only see the "core" problem below. The custom_vjps of the core take the
-  log gates, turn them into chunk-local cumulative gates G and write strengths s (`_gates_and_writes`), and their
-  backward kernels give the log gates' gradient directly (`_log_gate_grad`).
+  differentiated by XLA, so the kernels only see the "core" problem below. Each kernel turns the log gates of the
+  block it works on into that block's cumulative gates and write strengths (`_local_gates`), and the backward
+  kernels give the log gates' gradient (`_log_gate_grad`).
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
   H^v_c [m, dv] that enter each chunk (in HBM, in the inputs' dtype: TritonConfig.input_dtype_states), and the
   final state.
@@ -159,23 +159,39 @@ def _sum_heads(x, heads):
     return jnp.sum(x.reshape(x.shape[0] // heads, heads, x.shape[1]), axis=1)
 
 
+def _local_gates(log_gates):
+    """A block's gates from its rows' log gates [R, m] float32 (shifted by W; 0 where nothing is written): the gates
+    G_t = sum of the log gates of the block's rows up to t (<= 0: the decay from the block's start to after row
+    t), and the write strengths s_t = 1 - alpha_t = -expm1(log alpha_t). Every kernel computes them for the block
+    it works on: each decay it needs is a difference of gates of one block, so no gate is carried across blocks."""
+    return jnp.cumsum(log_gates, axis=0), -jnp.expm1(log_gates)
+
+
+def _log_gate_grad(dgates, dwrites, writes):
+    """The gradient of a block's log gates [R, m] from those of its gates and write strengths (`_local_gates`):
+    log alpha_t reaches every G_t' with t' >= t (a reverse cumulative sum: the total less a forward one, as Pallas'
+    Triton lowering has only forward cumsums; as an exact float32 dot with a triangular matrix of ones it cost the
+    output backward 10% on an H100), and ds/dlog alpha = s - 1. dgates, dwrites, writes [R, m] float32."""
+    return jnp.sum(dgates, axis=0)[None, :] - jnp.cumsum(dgates, axis=0) + dgates + dwrites * (writes - 1.0)
+
+
 class _FactoredPairs:
     """The pair weights PW[t, p, i] = visible[t, p] s_p[i] exp(G_t[i] - G_p[i]) of one sub-block as
     visible[t, p] * to_query[t, i] * from_key[p, i] * s_p[i], so that every sum against them is a small float32 dot.
 
-    gates, writes [R, m]; base [m] the cumulative gate before the sub-block; visible [R, R] bool (p <= t, same run);
-    heads: query heads stacked on the rows (`_per_row`): queries come as [R * heads, ...], keys as [R, ...].
-    to_query = exp(G_t - G_base) <= 1; from_key = exp(G_base - G_p) in [1, e^span]. exact: IEEE float32 dots
+    gates, writes [R, m] (`_local_gates`); visible [R, R] bool (p <= t, same run); heads: query heads stacked on the
+    rows (`_per_row`): queries come as [R * heads, ...], keys as [R, ...].
+    to_query = exp(G_t) <= 1; from_key = exp(-G_p) in [1, e^span]. exact: IEEE float32 dots
     (float32 inputs), else tf32 (bf16 inputs: the IEEE dots on the CUDA cores were most of the kernels' instructions).
     Valid while e^span stays finite (span <= _FACTORED_SPAN): `_strong_chunks` sends the other chunks to
     `_ElementwisePairs`.
     """
 
-    def __init__(self, gates, writes, base, visible, exact, heads):
+    def __init__(self, gates, writes, visible, exact, heads):
         self.exact = exact
         self.visible = _per_row(visible.astype(jnp.float32), heads)
-        self.to_query = _per_row(jnp.exp(gates - base[None, :]), heads)
-        self.from_key = jnp.exp(base[None, :] - gates)
+        self.to_query = _per_row(jnp.exp(gates), heads)
+        self.from_key = jnp.exp(-gates)
         self.key_weights = writes * self.from_key
 
     def over_keys(self, x):
@@ -196,8 +212,8 @@ class _ElementwisePairs:
     """The same pair weights as an explicit [R, R, m] block: exact for any gates (every exponent <= 0). With stacked
     heads, one head's rows at a time (the block is already at the register limit)."""
 
-    def __init__(self, gates, writes, base, visible, exact, heads):
-        del base, exact
+    def __init__(self, gates, writes, visible, exact, heads):
+        del exact
         self.heads = heads
         self.decay = jnp.where(visible[:, :, None],
                                jnp.exp(jnp.minimum(gates[:, None, :] - gates[None, :, :], 0.0)), 0.0)
@@ -259,29 +275,27 @@ def _pair_kernel(body, pairs, num_inputs, num_previous):
     return kernel
 
 
-def _strong_chunks(gates, chunk, sub):
+def _strong_chunks(log_gates, chunk, sub):
     """int32 [B, Tp / chunk, Hkv]: 1 where a sub-block of `sub` rows of the chunk forgets too fast for the factored
-    pair form (max over slots of G_base - G_last > _FACTORED_SPAN), else 0. gates [B, Tp, Hkv, m] chunk-local
-    cumulative log gates."""
-    batch, t_pad, kv_heads, _ = gates.shape
-    last = gates[:, sub - 1::sub]  # each sub-block's last row
-    first_in_chunk = (jnp.arange(t_pad // sub) % (chunk // sub) == 0)[None, :, None, None]
-    base = jnp.where(first_in_chunk, 0.0, jnp.pad(last, [(0, 0), (1, 0), (0, 0), (0, 0)])[:, :-1])
-    spans = jnp.max(base - last, axis=-1).reshape(batch, t_pad // chunk, chunk // sub, kv_heads)
+    pair form (its span, max over slots of -G_last = minus its summed log gates, > _FACTORED_SPAN), else 0.
+    log_gates [B, Tp, Hkv, m]."""
+    batch, t_pad, kv_heads, m = log_gates.shape
+    spans = -jnp.sum(log_gates.reshape(batch, t_pad // sub, sub, kv_heads, m), axis=2)
+    spans = jnp.max(spans, axis=-1).reshape(batch, t_pad // chunk, chunk // sub, kv_heads)
     return (jnp.max(spans, axis=2) > _FACTORED_SPAN).astype(jnp.int32)
 
 
-def _handover(gates, runs, state_run, last_run, gate_last, base):
+def _handover(gates, gate_last, runs, state_run, last_run):
     """How a block of R rows hands the slot state on: new = decay * old + (writes * to_last)^T @ (ks | vs).
 
-    gates [R, m] chunk-local cumulative log gates of the rows, runs [R] their slot run ids, state_run the run of the
-    state entering the block, last_run / gate_last [m] the last row's run and gates, base [m] the cumulative gate
-    before the block. Returns to_last [R, m] = exp(G_last - G_p) on the last row's run (tokens of an earlier run
-    never reach the state that leaves the block), 0 elsewhere, and decay [m] = exp(G_last - base) if the entering
-    state's run reaches the block's end (runs are contiguous), else 0. Every exponent is <= 0.
+    gates [R, m] the rows' gates (`_local_gates`), gate_last [m] the last row's (the block's summed log gates),
+    runs [R] their slot run ids, state_run the run of the state entering the block, last_run the last row's run.
+    Returns to_last [R, m] = exp(G_last - G_p) on the last row's run (tokens of an earlier run never reach the
+    state that leaves the block), 0 elsewhere, and decay [m] = exp(G_last) if the entering state's run reaches the
+    block's end (runs are contiguous), else 0. Every exponent is <= 0.
     """
     to_last = jnp.where((runs == last_run)[:, None], jnp.exp(gate_last[None, :] - gates), 0.0)
-    decay = jnp.where(state_run == last_run, jnp.exp(gate_last - base), 0.0)
+    decay = jnp.where(state_run == last_run, jnp.exp(gate_last), 0.0)
     return to_last, decay
 
 
@@ -312,12 +326,12 @@ class _EnteringState:
         self.hv = self.hv * decay[:, None] + _dot(weights, vs, trans_a=True)
 
 
-def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_ref,
+def _state_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, hk0_ref, hv0_ref,
                   hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks):
     """One (batch, kv head, slice of dk and dv): H^k/H^v entering every chunk, and after the last one.
 
-    ks [Tp, dk], vs [Tp, dv] shifted keys/values; gates [Tp, m] chunk-local cumulative shifted log gates; writes
-    [Tp, m] shifted write strengths (0 where nothing is written); run [Tp] slot run ids (non-decreasing);
+    ks [Tp, dk], vs [Tp, dv] shifted keys/values; log_gates [Tp, m] shifted log gates (0 where nothing is written:
+    `_local_gates`); run [Tp] slot run ids (non-decreasing);
     hk0 [dk, m], hv0 [m, dv] initial state (belongs to run 0). Outputs hk [nC, dk, m], hv [nC, m, dv], finals
     (dk and dv here are this program's slices).
     """
@@ -328,12 +342,11 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
         hk_ref[c, :, :] = hk.astype(hk_ref.dtype)
         hv_ref[c, :, :] = hv.astype(hv_ref.dtype)
         rows = pl.ds(c * chunk, chunk)
-        last = c * chunk + chunk - 1
-        last_run = run_ref[last]
-        gate_last = gates_ref[last, :]
-        to_last, decay = _handover(gates_ref[rows, :], run_ref[rows], state_run, last_run, gate_last,
-                                   jnp.zeros_like(gate_last))
-        weights = (writes_ref[rows, :] * to_last).astype(compute_dtype)
+        last_run = run_ref[c * chunk + chunk - 1]
+        log_gates = log_gates_ref[rows, :]
+        gates, writes = _local_gates(log_gates)
+        to_last, decay = _handover(gates, jnp.sum(log_gates, axis=0), run_ref[rows], state_run, last_run)
+        weights = (writes * to_last).astype(compute_dtype)
         hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
         hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
         return hk, hv, last_run
@@ -344,28 +357,29 @@ def _state_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, hk0_ref, hv0_r
     hv_final_ref[...] = hv
 
 
-def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref,
+def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
                    kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
                    chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls):
     """One (batch, block of query heads of one GQA group, chunk of C queries): the NHA output of those queries.
 
     q/qr [C, S, dk] the S query heads' queries (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv],
-    gates [C, m], writes [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the
+    log_gates [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the
     chunk; kr [Tp, dk], v [Tp, dv] the whole (RoPE'd) keys and values of the kv head; seg [Tp] window run ids,
     run [Tp] slot run ids; chunk_index this program's chunk (its program id 2, given by `_pair_kernel`). Outputs o
     [C, S, dv] and lse [C, S], the float32 log-sum-exp of each row's joint softmax (for the backward). The S heads'
     rows are stacked (`_per_row`): every dot has R * S rows.
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
-    state entering a sub-block reaches its rows through exp(G_t - G_base) <= 1. The pairs inside a sub-block are
-    `pair_cls` (`_pair_kernel`): factored dots, or the elementwise block with exp(G_t - G_p) <= 1.
+    state entering a sub-block reaches its rows through exp(G_t) <= 1 (the sub-block's `_local_gates`). The pairs
+    inside a sub-block are `pair_cls` (`_pair_kernel`): factored dots, or the elementwise block with
+    exp(G_t - G_p) <= 1.
     """
     heads = _heads_of(q_ref)
     c = chunk_index
     c0 = c * chunk
     rows = jnp.arange(sub)
     row_token = jnp.arange(sub * heads) // heads  # stacked row -> token of the sub-block
-    m_pad = gates_ref.shape[-1]
+    m_pad = log_gates_ref.shape[-1]
     dv = o_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
@@ -383,16 +397,14 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
         if num_slots > 0:
             q = _load_rows(q_ref, blk, heads)
             run_q = run_ref[pl.ds(t0, sub)]
-            gates = gates_ref[blk, :]
-            writes = writes_ref[blk, :]
-            base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
+            log_gates = log_gates_ref[blk, :]
+            gates, writes = _local_gates(log_gates)
             # The state entering the sub-block reaches query t only if t's run began before the sub-block.
-            inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0),
-                                  heads)
+            inter_gate = _per_row(jnp.where((run_q == state_run)[:, None], jnp.exp(gates), 0.0), heads)
             # Built where used (twice, here and after the window loop): sharing the [R, m] factors across the terms
             # made the output backward 8% slower in v10 (H100), as they stay live in registers.
-            pairs = functools.partial(pair_cls, gates, writes, base, causal & (run_q[:, None] == run_q[None, :]),
-                                      exact, heads)
+            pairs = functools.partial(pair_cls, gates, writes, causal & (run_q[:, None] == run_q[None, :]), exact,
+                                      heads)
             qk = _dot(q, ks_ref[blk, :], trans_b=True)
             logits = _dot(q, state.keys()) * inter_gate + pairs().over_keys(qk)
             logits = jnp.where(slot_valid, logits * scale, _MASK_VALUE)
@@ -437,12 +449,12 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref,
         if num_slots > 0 and r0 + sub < chunk:
             # Advance the state over this sub-block (as _state_kernel does over a chunk).
             last_run = run_ref[t0 + sub - 1]
-            to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
+            to_last, decay = _handover(gates, jnp.sum(log_gates, axis=0), run_q, state_run, last_run)
             state.advance(decay, (writes * to_last).astype(dtype), ks_ref[blk, :], vs)
             state_run = last_run
 
 
-def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref, hk_ref, hv_ref, kr_ref, v_ref,
+def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref, kr_ref, v_ref,
                             seg_ref, run_ref, do_ref, lse_ref, delta_ref,
                             dq_ref, dks_ref, dvs_ref, dlog_gates_ref, state_k_ref, state_v_ref, *dqr_ref,
                             chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
@@ -455,9 +467,9 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
     window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
     dtype) and float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs
-    inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors a = scale * dlogits * inter and p = probs * inter
-    (dH^k = q^T a, dH^v = p^T do for the state entering each sub-block): as a, p [C, S, m] per query head (inputs'
-    dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
+    inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors
+    a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each
+    sub-block): as a, p [C, S, m] per query head (inputs' dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
     scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so
     that neither the factors nor the queries go through HBM again. The S heads are taken in `passes` passes of
     S / passes heads each (TritonConfig.backward_head_passes).
@@ -467,26 +479,22 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
     c = chunk_index
     c0 = c * chunk
     rows = jnp.arange(sub)
-    m_pad = gates_ref.shape[-1]
+    m_pad = log_gates_ref.shape[-1]
     slot_valid = (jnp.arange(m_pad) < num_slots)[None, :]
     causal = rows[:, None] >= rows[None, :]
-    last_row = (rows == sub - 1)[:, None]
     dtype = q_ref.dtype
     exact = dtype == jnp.float32
 
     state = _EnteringState(hk_ref, hv_ref, dtype, carried=sub < chunk)
     state_run = jnp.where(c > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
-    # Per sub-block, the gradients of its gates and write strengths, kept to the chunk's end: a row's log gate
-    # takes the gradient of the gate of every later row of the chunk.
-    gate_grads = []
     for r0 in range(0, chunk, sub):
         blk = pl.ds(r0, sub)
         t0 = c0 + r0
         ks, vs = ks_ref[blk, :], vs_ref[blk, :]
-        gates, writes = gates_ref[blk, :], writes_ref[blk, :]
+        log_gates = log_gates_ref[blk, :]
+        gates, writes = _local_gates(log_gates)
         run_q = run_ref[pl.ds(t0, sub)]
-        base = gates_ref[r0 - 1, :] if r0 > 0 else jnp.zeros((m_pad,), jnp.float32)
-        inter_rows = jnp.where((run_q == state_run)[:, None], jnp.exp(gates - base[None, :]), 0.0)
+        inter_rows = jnp.where((run_q == state_run)[:, None], jnp.exp(gates), 0.0)
         visible = causal & (run_q[:, None] == run_q[None, :])
 
         def head_pass(part):
@@ -498,7 +506,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             # Recompute the slot logits and probabilities exactly as the forward did.
             inter = _per_row(inter_rows, per_pass)
             # Pair weights PW[t, p, m] = s_p exp(G_t - G_p) for p <= t in t's run (see _FactoredPairs).
-            pairs = functools.partial(pair_cls, gates, writes, base, visible, exact, per_pass)
+            pairs = functools.partial(pair_cls, gates, writes, visible, exact, per_pass)
             q_hk = _dot(q, state.keys())  # [t, m]
             qk = _dot(q, ks, trans_b=True) * scale  # [t, p]
             do_vs = _dot(d_out, vs, trans_b=True)  # [t, p]
@@ -509,7 +517,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             # Slot read o += (probs * inter) @ H^v + sum_p (probs . PW) vs_p, then the softmax.
             do_hv = _dot(d_out, state.values(), trans_b=True)  # [t, m]
             d_logits = probs * (do_hv * inter + intra_read - delta[:, None])
-            # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t - G_base).
+            # Gates and write strengths through PW[t, p] = s_p exp(G_t - G_p) and inter[t] = exp(G_t).
             # With g[t, p] = probs[t] do_vs[t, p] + d_logits[t] qk[t, p], the gradient of PW, the sums over p
             # of g * PW are the intra terms above, and the sums over t factor out s_p.
             pw = pairs()
@@ -520,8 +528,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
             inter_gates = (probs * do_hv + scale * d_logits * q_hk) * inter
             sums = [scale * _dot(logit_pairs.astype(dtype), q, trans_a=True),
                     _dot(read_pairs.astype(dtype), d_out, trans_a=True), d_writes,
-                    _sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, per_pass),
-                    jnp.sum(inter_gates, axis=0)]
+                    _sum_heads(probs * intra_read + d_logits * intra_logits + inter_gates, per_pass)]
             if chunk_state_grads:  # sub == chunk: the state entering the sub-block is the chunk's
                 sums += [_dot(q, (scale * d_logits * inter).astype(dtype), trans_a=True),
                          _dot((probs * inter).astype(dtype), d_out, trans_a=True)]
@@ -537,26 +544,20 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, gates_ref, writes_ref
         sums = head_pass(0)
         for part in range(1, passes):
             sums = [total + x for total, x in zip(sums, head_pass(part))]
-        dks, dvs, d_writes, dgates_heads, inter_gate_sum = sums[:5]
+        dks, dvs, d_writes, dgates = sums[:4]
         dks_ref[blk, :] = dks.astype(dks_ref.dtype)
         dvs_ref[blk, :] = dvs.astype(dvs_ref.dtype)
         if chunk_state_grads:
-            state_k_ref[...] = sums[5].astype(state_k_ref.dtype)
-            state_v_ref[...] = sums[6].astype(state_v_ref.dtype)
-        if r0 > 0:
-            # G_base is the previous sub-block's last row: its gradient lands there.
-            gate_grads[-1][0] = gate_grads[-1][0] - jnp.where(last_row, inter_gate_sum[None, :], 0.0)
-        gate_grads.append([dgates_heads - writes * d_writes, d_writes, writes])
+            state_k_ref[...] = sums[4].astype(state_k_ref.dtype)
+            state_v_ref[...] = sums[5].astype(state_v_ref.dtype)
+        # exp(-G_p) in each pair weight gives its key row p the gradient -s_p * d_writes[p].
+        dlog_gates_ref[blk, :] = _log_gate_grad(dgates - writes * d_writes, d_writes, writes)
 
         if r0 + sub < chunk:
             last_run = run_ref[t0 + sub - 1]
-            to_last, decay = _handover(gates, run_q, state_run, last_run, gates_ref[r0 + sub - 1, :], base)
+            to_last, decay = _handover(gates, jnp.sum(log_gates, axis=0), run_q, state_run, last_run)
             state.advance(decay, (writes * to_last).astype(dtype), ks, vs)
             state_run = last_run
-    later = jnp.zeros((m_pad,), jnp.float32)
-    for r0, (dgates, d_writes, writes) in reversed(list(zip(range(0, chunk, sub), gate_grads))):
-        dlog_gates_ref[pl.ds(r0, sub), :] = _log_gate_grad(dgates, d_writes, writes, later)
-        later = later + jnp.sum(dgates, axis=0)
 
 
 def _window_query_grad(qr, d_out, lse, delta, t0, rows, heads, seg_ref, kr_ref, v_ref, *, key_block, window,
@@ -600,16 +601,17 @@ def _window_dq_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref
     _store_rows(dqr_ref, blk, dqr, heads)
 
 
-def _sub_block_handover(gates_ref, run_ref, c0, r0, sub):
-    """Rows, to_last and decay (`_handover`) of sub-block r0 of the chunk starting at c0, from the whole sequence's
-    gates_ref [Tp, m] and run_ref [Tp]."""
+def _sub_block_handover(log_gates_ref, run_ref, c0, r0, sub):
+    """Rows, write strengths, to_last and decay (`_handover`) of sub-block r0 of the chunk starting at c0, from the
+    whole sequence's log_gates_ref [Tp, m] and run_ref [Tp]."""
     rows = pl.ds(c0 + r0, sub)
-    base = gates_ref[c0 + r0 - 1, :] if r0 > 0 else jnp.zeros((gates_ref.shape[-1],), jnp.float32)
     state_run = run_ref[jnp.maximum(c0 + r0 - 1, 0)] if r0 > 0 else jnp.where(
         c0 > 0, run_ref[jnp.maximum(c0 - 1, 0)], 0)
-    to_last, decay = _handover(gates_ref[rows, :], run_ref[rows], state_run, run_ref[c0 + r0 + sub - 1],
-                               gates_ref[c0 + r0 + sub - 1, :], base)
-    return rows, to_last, decay
+    log_gates = log_gates_ref[rows, :]
+    gates, writes = _local_gates(log_gates)
+    to_last, decay = _handover(gates, jnp.sum(log_gates, axis=0), run_ref[rows], state_run,
+                               run_ref[c0 + r0 + sub - 1])
+    return rows, writes, to_last, decay
 
 
 def _write_term_grads(ks, vs, writes, to_last, dhk, dhv):
@@ -624,20 +626,6 @@ def _write_term_grads(ks, vs, writes, to_last, dhk, dhv):
     return dks, dvs, d_weights * to_last, d_weights * weights
 
 
-def _log_gate_grad(dgates, dwrites, writes, later):
-    """The gradient of R rows' log gates (`_gates_and_writes`: G = their chunk-local cumulative sum, s =
-    -expm1(log alpha)) from the gradients of the gates and write strengths, as the backward kernels emit it: G_t
-    takes it back to every row up to t of the chunk (a reverse cumulative sum over the rows, plus later [m], the
-    summed gradient of the gates of the chunk's rows after them), and ds/dlog alpha = s - 1. dgates, dwrites,
-    writes [R, m] float32. Returns [R, m] float32.
-
-    The reverse cumulative sum is the total less a forward one (Pallas' Triton lowering has only forward
-    cumsums). As an exact float32 dot with a triangular matrix of ones it cost more in the kernels than it saved
-    in XLA (H100, NHA-340M's layer: output backward 0.544 -> 0.598 ms)."""
-    after = jnp.sum(dgates, axis=0) + later
-    return after[None, :] - jnp.cumsum(dgates, axis=0) + dgates + dwrites * (writes - 1.0)
-
-
 def _add_query_state_grads(dhk, dhv, q_ref, do_ref, a_ref, p_ref, rows):
     """dH^k += q^T a, dH^v += p^T do over `rows` of every query head of the program (the gradient that the rows'
     slot logits and slot reads give the state entering their sub-block). q, do [Tp, G, d]; a, p [Tp, G, m]."""
@@ -648,13 +636,13 @@ def _add_query_state_grads(dhk, dhv, q_ref, do_ref, a_ref, p_ref, rows):
     return dhk, dhv
 
 
-def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, gates_ref, run_ref, dhk_last_ref, dhv_last_ref,
+def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, log_gates_ref, run_ref, dhk_last_ref, dhv_last_ref,
                        dhk_ref, dhv_ref, dhk0_ref, dhv0_ref, *, chunk, sub, num_chunks):
     """The gradient of the slot state leaving every chunk, for one (batch, owner, slice of dk and dv): the reverse of
     `_state_kernel`, carrying only dH^k, dH^v from the last sub-block to the first.
 
     q [Tp, G, dk], do [Tp, G, dv]; a, p [Tp, G, m] from `_output_backward_kernel` (G = query heads per program);
-    gates [Tp, m], run [Tp] the kv head's; dhk_last [dk, m], dhv_last [m, dv] the gradient of the final state.
+    log_gates [Tp, m], run [Tp] the kv head's; dhk_last [dk, m], dhv_last [m, dv] the gradient of the final state.
     Per sub-block, backwards: dH <- decay * dH + q^T a (and p^T do), whose dots do not depend on the carry. Outputs
     dhk [nC, dk, m], dhv [nC, m, dv] (the state leaving chunk c, in the chunk states' dtype: they feed
     `_state_backward_kernel`'s dots) and float32 dhk0, dhv0 (the initial state's).
@@ -666,7 +654,7 @@ def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, gates_ref, run_ref, dhk_last
         dhk_ref[c, :, :] = dhk.astype(dhk_ref.dtype)
         dhv_ref[c, :, :] = dhv.astype(dhv_ref.dtype)
         for r0 in reversed(range(0, chunk, sub)):
-            rows, _, decay = _sub_block_handover(gates_ref, run_ref, c * chunk, r0, sub)
+            rows, _, _, decay = _sub_block_handover(log_gates_ref, run_ref, c * chunk, r0, sub)
             dhk, dhv = _add_query_state_grads(dhk * decay[None, :], dhv * decay[:, None], q_ref, do_ref, a_ref,
                                               p_ref, rows)
         return dhk, dhv
@@ -676,12 +664,12 @@ def _state_grad_kernel(q_ref, do_ref, a_ref, p_ref, gates_ref, run_ref, dhk_last
     dhv0_ref[...] = dhv
 
 
-def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_ref, writes_ref, run_ref,
+def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, log_gates_ref, run_ref,
                            hk_ref, hv_ref, dhk_ref, dhv_ref, dks_ref, dvs_ref, dlog_gates_ref, *, chunk, sub):
     """The gradients through the slot-state hand-over of one (batch, owner, chunk), given the gradient of the state
     leaving the chunk (`_state_grad_kernel`): parallel over chunks.
 
-    q, do, a, p [Tp, G, ...], ks [Tp, dk], vs [Tp, dv], gates, writes [Tp, m], run [Tp] as `_state_grad_kernel`
+    q, do, a, p [Tp, G, ...], ks [Tp, dk], vs [Tp, dv], log_gates [Tp, m], run [Tp] as `_state_grad_kernel`
     and the forward; hk [dk, m], hv [m, dv] the forward's state entering the chunk; dhk [dk, m], dhv [m, dv] the
     gradient of the state leaving it. Walks the forward's sub-blocks last to first (H_next = decay * H +
     (writes * to_last)^T @ (ks | vs)), recomputing the state at inner sub-block boundaries and carrying dH back
@@ -692,31 +680,24 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, gates_re
     c0 = pl.program_id(2) * chunk
     last_row = (jnp.arange(sub) == sub - 1)[:, None]
     dhk, dhv = dhk_ref[...].astype(jnp.float32), dhv_ref[...].astype(jnp.float32)
-    pending_base = None
-    later = jnp.zeros((gates_ref.shape[-1],), jnp.float32)  # the gates' gradient of the sub-blocks done
     for r0 in reversed(range(0, chunk, sub)):
         # The state entering this sub-block: the chunk's stored state advanced over the sub-blocks before it.
         hk, hv = hk_ref[...].astype(jnp.float32), hv_ref[...].astype(jnp.float32)
         for earlier in range(0, r0, sub):
-            rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, earlier, sub)
-            weights = (writes_ref[rows, :] * to_last).astype(dtype)
+            rows, writes, to_last, decay = _sub_block_handover(log_gates_ref, run_ref, c0, earlier, sub)
+            weights = (writes * to_last).astype(dtype)
             hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
             hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
-        rows, to_last, decay = _sub_block_handover(gates_ref, run_ref, c0, r0, sub)
-        writes = writes_ref[rows, :]
+        rows, writes, to_last, decay = _sub_block_handover(log_gates_ref, run_ref, c0, r0, sub)
         dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[rows, :], vs_ref[rows, :], writes, to_last,
                                                             dhk.astype(dtype), dhv.astype(dtype))
         out_rows = pl.ds(r0, sub)
         dks_ref[out_rows, :] = dks.astype(dks_ref.dtype)
         dvs_ref[out_rows, :] = dvs.astype(dvs_ref.dtype)
-        decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/d(G_last - G_base)
+        decay_grad = (jnp.sum(dhk * hk, axis=0) + jnp.sum(dhv * hv, axis=1)) * decay  # d/dG_last
         last_grad = jnp.sum(weight_gates, axis=0) + decay_grad
-        if pending_base is not None:
-            last_grad += pending_base  # this row is the base of the sub-block after it
         dgates = jnp.where(last_row, last_grad[None, :], 0.0) - weight_gates
-        dlog_gates_ref[out_rows, :] = _log_gate_grad(dgates, dwrites, writes, later)
-        later = later + jnp.sum(dgates, axis=0)
-        pending_base = -decay_grad  # the chunk's first sub-block has base 0, a constant: dropped
+        dlog_gates_ref[out_rows, :] = _log_gate_grad(dgates, dwrites, writes)
         if r0 > 0:
             dhk, dhv = _add_query_state_grads(dhk * decay[None, :], dhv * decay[:, None], q_ref, do_ref, a_ref,
                                               p_ref, rows)
@@ -766,7 +747,7 @@ def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref,
 # Launchers of the core problem (inputs prepared by `_prepare`).
 
 
-def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpret):
+def _slot_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, config, interpret):
     """Launches _state_kernel: (hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv], hk_final, hv_final).
 
     The chunk states hk, hv are stored in the inputs' dtype when config.input_dtype_states (the output kernels
@@ -775,7 +756,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     H^v, so that small batches still fill the GPU (the chunk loop inside a program is sequential).
     """
     batch, t_pad, kv_heads, dk = ks.shape
-    dv, m = vs.shape[3], gates.shape[3]
+    dv, m = vs.shape[3], log_gates.shape[3]
     num_chunks = t_pad // chunk
     splits = _state_splits(dk, dv, config)
     dk_part, dv_part = dk // splits, dv // splits
@@ -792,7 +773,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
     return pl.pallas_call(
         functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks),
         grid=(batch, kv_heads, splits),
-        in_specs=[per_token(dk_part, True), per_token(dv_part, True), per_token(m, False), per_token(m, False),
+        in_specs=[per_token(dk_part, True), per_token(dv_part, True), per_token(m, False),
                   pl.BlockSpec((None, t_pad), lambda b, g, i: (b, 0)),
                   per_head(dk_part, m, split_axis=0), per_head(m, dv_part, split_axis=1)],
         out_specs=[pl.BlockSpec((None, num_chunks, None, dk_part, m), lambda b, g, i: (b, 0, g, i, 0)),
@@ -805,7 +786,7 @@ def _slot_states(ks, vs, gates, writes, hk0, hv0, run, *, chunk, config, interpr
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
         interpret=interpret,
         name="nha_slot_state",
-    )(ks, vs, gates, writes, run, hk0, hv0)
+    )(ks, vs, log_gates, run, hk0, hv0)
 
 
 def _stacked_heads(group: int, sub: int, stacked_rows: int) -> int:
@@ -857,13 +838,13 @@ def _output_grid(q, ks, chunk, config):
     return sub, per_program, specs, (batch, heads // per_program, t_pad // chunk)
 
 
-def _launch_output_kernel(body, name, inputs, in_specs, out_specs, out_shape, *, gates, chunk, sub, specs, grid,
-                          num_slots, config, warps, stages, interpret):
+def _launch_output_kernel(body, name, inputs, in_specs, out_specs, out_shape, *, log_gates, chunk, sub, specs,
+                          grid, num_slots, config, warps, stages, interpret):
     """Runs an output kernel `body` over `grid` with its pair terms as `_pair_kernel` gives them: a pass in the
     factored form, then a pass in the elementwise form that redoes only the chunks `_strong_chunks` flags, writing
     in place over the first pass's outputs (input_output_aliases), so that neither pass branches between the forms.
     With config.factored_pairs False (or no slots), one pass in one form. Returns the outputs (a list)."""
-    strong = _strong_chunks(gates, chunk, sub)
+    strong = _strong_chunks(log_gates, chunk, sub)
     strong_spec = pl.BlockSpec((None, None, 1), lambda b, h, c: (b, c, specs.kv_head(h)))
 
     def launch(pairs, previous=()):
@@ -885,27 +866,27 @@ def _launch_output_kernel(body, name, inputs, in_specs, out_specs, out_shape, *,
     return first if num_slots == 0 else launch("fallback", first)
 
 
-def _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, *,
+def _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, *,
              window, num_slots, scale, chunk, config, interpret):
     """Launches _output_kernel over (B, H / S, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, Tp, H] float32."""
     batch, t_pad, heads, dk = q.shape
-    dv, m = vs.shape[3], gates.shape[3]
+    dv, m = vs.shape[3], log_gates.shape[3]
     sub, _, specs, grid = _output_grid(q, ks, chunk, config)
     return _launch_output_kernel(
         functools.partial(_output_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale),
-        "nha_output", (q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run),
+        "nha_output", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run),
         in_specs=[specs.query_chunk(dk), specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
-                  specs.kv_chunk(m), specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
+                  specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
                   specs.kv_all(dk), specs.kv_all(dv), specs.runs, specs.runs],
         out_specs=[specs.query_chunk(dv), specs.row_stats],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, heads), jnp.float32)],
-        gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
+        log_gates=log_gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.output_warps, stages=config.output_stages, interpret=interpret)
 
 
-def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, *,
+def _output_backward(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, delta, *,
                      window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
     [B, Tp, H].
@@ -919,7 +900,7 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
     [B, Tp, H, dk] in q.dtype, None when W = 0 or config.separate_window_dq (`_window_dq` then).
     """
     batch, t_pad, heads, dk = q.shape
-    dv, m = vs.shape[3], gates.shape[3]
+    dv, m = vs.shape[3], log_gates.shape[3]
     sub, per_program, specs, grid = _output_grid(q, ks, chunk, config)
     query_chunk, program_chunk = specs.query_chunk, specs.program_chunk
     per_head = lambda width: jax.ShapeDtypeStruct((batch, t_pad, heads, width), q.dtype)
@@ -940,15 +921,15 @@ def _output_backward(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_ou
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads,
                           passes=math.gcd(config.backward_head_passes, per_program)),
-        "nha_output_backward", (q, qr, ks, vs, gates, writes, hk, hv, kr, v, seg, run, d_out, lse, delta),
+        "nha_output_backward", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run, d_out, lse, delta),
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
-                  specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
+                  specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
                   specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
         out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), *state_specs,
                    *window_specs],
         out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
                    *state_shapes, *window_shapes],
-        gates=gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
+        log_gates=log_gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.backward_warps, stages=config.backward_stages,
         interpret=interpret)
     return (*grads[:6], grads[6] if window_here else None)
@@ -984,21 +965,21 @@ def _state_splits(dk, dv, config):
     return max(1, min(config.state_splits, dk // _MIN_DIM, dv // _MIN_DIM))
 
 
-def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last, dhv_last, *,
+def _state_backward(q, d_out, a, p, ks, vs, log_gates, run, hk, hv, dhk_last, dhv_last, *,
                     chunk, config, interpret):
     """The gradients through the slot-state recurrence in two launches: `_state_grad_kernel` over (B, owners,
     splits of dk and dv), sequential over chunks (last first), gives the gradient of the state leaving each chunk;
     `_state_backward_kernel` over (B, owners, chunks), parallel, gives the rest from it.
 
     An owner is a kv head when `_heads_per_state_program` takes the whole GQA group, else a query head.
-    q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, gates, writes, run as the forward; hk, hv
+    q [B, Tp, H, dk], d_out [B, Tp, H, dv]; a, p [B, Tp, H, m]; ks, vs, log_gates, run as the forward; hk, hv
     the forward's states entering each chunk [B, nC, Hkv, ...]; dhk_last [B, owners, dk, m], dhv_last
     [B, owners, m, dv] the final-state gradient given to each owner. Returns per owner: dks [B, Tp, owners, dk],
     dvs [B, Tp, owners, dv] in ks.dtype; float32 dlog_gates [B, Tp, owners, m] (`_log_gate_grad`), dhk0
     [B, owners, dk, m], dhv0 [B, owners, m, dv].
     """
     batch, t_pad, heads, dk = q.shape
-    kv_heads, dv, m = ks.shape[2], vs.shape[3], gates.shape[3]
+    kv_heads, dv, m = ks.shape[2], vs.shape[3], log_gates.shape[3]
     group = heads // kv_heads
     num_chunks = t_pad // chunk
     sub = min(config.sub_block, chunk)
@@ -1043,7 +1024,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
         compiler_params=params,
         interpret=interpret,
         name="nha_state_grad",
-    )(q, d_out, a, p, gates, run, dhk_last, dhv_last)
+    )(q, d_out, a, p, log_gates, run, dhk_last, dhv_last)
 
     def chunk_state(owner_axis):  # [B, nC, owners or Hkv, *shape]: this program's chunk
         def spec(*shape):
@@ -1058,7 +1039,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
         functools.partial(_state_backward_kernel, chunk=chunk, sub=sub),
         grid=(batch, owners, num_chunks),
         in_specs=[head_tokens(dk), head_tokens(dv), head_tokens(m), head_tokens(m), kv_tokens(dk), kv_tokens(dv),
-                  kv_tokens(m), kv_tokens(m), runs, chunk_state(kv_head)(dk, m), chunk_state(kv_head)(m, dv),
+                  kv_tokens(m), runs, chunk_state(kv_head)(dk, m), chunk_state(kv_head)(m, dv),
                   chunk_state(lambda o: o)(dk, m), chunk_state(lambda o: o)(m, dv)],
         out_specs=[owner_rows(dk), owner_rows(dv), owner_rows(m)],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, owners, dk), ks.dtype),
@@ -1067,7 +1048,7 @@ def _state_backward(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk_last
         compiler_params=params,
         interpret=interpret,
         name="nha_state_backward",
-    )(q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, dhk, dhv)
+    )(q, d_out, a, p, ks, vs, log_gates, run, hk, hv, dhk, dhv)
     return dks, dvs, dlog_gates, dhk0, dhv0
 
 
@@ -1105,16 +1086,16 @@ def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk,
     )(qr, d_out, lse, delta, seg, kr, v)
 
 
-def _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run, *,
+def _forward(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, *,
              window, num_slots, scale, chunk, interpret, config):
     """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, Tp, H], hk [B, nC, Hkv, dk, m],
     hv [B, nC, Hkv, m, dv] the states entering each chunk, hk_final, hv_final).
 
-    config: the tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the prepared gates).
+    config: the tuning.TritonConfig (its chunk is ignored: `chunk` is fixed by the preparation's padding).
     """
-    hk, hv, hk_final, hv_final = _slot_states(ks, vs, gates, writes, hk0, hv0, run, chunk=chunk, config=config,
+    hk, hv, hk_final, hv_final = _slot_states(ks, vs, log_gates, hk0, hv0, run, chunk=chunk, config=config,
                                               interpret=interpret)
-    out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+    out, lse = _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window=window, num_slots=num_slots,
                         scale=scale, chunk=chunk, config=config, interpret=interpret)
     return out, lse, hk, hv, hk_final, hv_final
 
@@ -1260,25 +1241,24 @@ def _chunk_scan_bwd(decay_axis, state_dtype, config, interpret, residuals, cotan
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
-def _chunk_contribution_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, local_k_ref, local_v_ref):
+def _chunk_contribution_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, local_k_ref, local_v_ref):
     """One (batch, kv head, chunk): the chunk's own contribution to the slot state leaving it (the state that
-    enters it taken as zero). ks [C, dk], vs [C, dv], gates, writes [C, m] float32, run [C] as `_state_kernel`.
+    enters it taken as zero). ks [C, dk], vs [C, dv], log_gates [C, m] float32, run [C] as `_state_kernel`.
     Outputs local_k [dk, m] = (writes * to_last)^T-weighted ks, local_v [m, dv] likewise (in their dtype)."""
-    _, to_last, _ = _sub_block_handover(gates_ref, run_ref, 0, 0, run_ref.shape[0])
-    weights = (writes_ref[...] * to_last).astype(ks_ref.dtype)
+    _, writes, to_last, _ = _sub_block_handover(log_gates_ref, run_ref, 0, 0, run_ref.shape[0])
+    weights = (writes * to_last).astype(ks_ref.dtype)
     local_k_ref[...] = _dot(ks_ref[...], weights, trans_a=True).astype(local_k_ref.dtype)
     local_v_ref[...] = _dot(weights, vs_ref[...], trans_a=True).astype(local_v_ref.dtype)
 
 
-def _chunk_contribution_backward_kernel(ks_ref, vs_ref, gates_ref, writes_ref, run_ref, d_local_k_ref,
-                                        d_local_v_ref, dks_ref, dvs_ref, dlog_gates_ref):
+def _chunk_contribution_backward_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, d_local_k_ref, d_local_v_ref,
+                                        dks_ref, dvs_ref, dlog_gates_ref):
     """Backward of `_chunk_contribution_kernel` for one (batch, kv head, chunk): from d_local_k [dk, m] and
     d_local_v [m, dv], dks [C, dk], dvs [C, dv] (their dtype) and float32 dlog_gates [C, m] (`_log_gate_grad`),
     through weights_t = writes_t * exp(G_last - G_t) on the last row's run."""
     chunk = run_ref.shape[0]
     dtype = ks_ref.dtype
-    _, to_last, _ = _sub_block_handover(gates_ref, run_ref, 0, 0, chunk)
-    writes = writes_ref[...]
+    _, writes, to_last, _ = _sub_block_handover(log_gates_ref, run_ref, 0, 0, chunk)
     dks, dvs, dwrites, weight_gates = _write_term_grads(ks_ref[...], vs_ref[...], writes, to_last,
                                                         d_local_k_ref[...].astype(dtype),
                                                         d_local_v_ref[...].astype(dtype))
@@ -1286,10 +1266,10 @@ def _chunk_contribution_backward_kernel(ks_ref, vs_ref, gates_ref, writes_ref, r
     dvs_ref[...] = dvs.astype(dvs_ref.dtype)
     last_row = (jnp.arange(chunk) == chunk - 1)[:, None]
     dgates = jnp.where(last_row, jnp.sum(weight_gates, axis=0)[None, :], 0.0) - weight_gates
-    dlog_gates_ref[...] = _log_gate_grad(dgates, dwrites, writes, jnp.zeros((writes.shape[1],), jnp.float32))
+    dlog_gates_ref[...] = _log_gate_grad(dgates, dwrites, writes)
 
 
-def _chunk_contribution_specs(ks, vs, gates, chunk):
+def _chunk_contribution_specs(ks, chunk):
     """Grid (B, Hkv, chunks) and the BlockSpecs of the chunk-contribution kernels: per chunk rows of width n, run
     ids, and one chunk's state [rows, cols]."""
     batch, t_pad, kv_heads, _ = ks.shape
@@ -1299,52 +1279,50 @@ def _chunk_contribution_specs(ks, vs, gates, chunk):
     return (batch, kv_heads, t_pad // chunk), rows, run, state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret):
     """Each chunk's own contribution to the slot state leaving it, as `_scanned_chunk_states` needs them, in a
     Pallas kernel (TritonConfig.scan_contribution_kernel): XLA merges its batched matmuls over (ks | vs), then
     slices and transposes the result apart.
 
-    ks [B, Tp, Hkv, dk], vs [B, Tp, Hkv, dv], log_gates [B, Tp, Hkv, m] float32 (`_gates_and_writes`, with
-    `written`), run [B, Tp]. Returns local_k [B, nC, Hkv, dk, m] and local_v [B, nC, Hkv, m, dv] in state_dtype."""
-    return _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written)[0]
+    ks [B, Tp, Hkv, dk], vs [B, Tp, Hkv, dv], log_gates [B, Tp, Hkv, m] float32 (`_local_gates`), run [B, Tp].
+    Returns local_k [B, nC, Hkv, dk, m] and local_v [B, nC, Hkv, m, dv] in state_dtype."""
+    return _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret)[0]
 
 
-def _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret, written):
-    gates, writes = _gates_and_writes(log_gates, chunk, written)
-    grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
-    (batch, kv_heads, num_chunks), dk, dv, m = grid, ks.shape[3], vs.shape[3], gates.shape[3]
+def _chunk_contributions_fwd(ks, vs, log_gates, run, chunk, state_dtype, config, interpret):
+    grid, rows, run_spec, state = _chunk_contribution_specs(ks, chunk)
+    (batch, kv_heads, num_chunks), dk, dv, m = grid, ks.shape[3], vs.shape[3], log_gates.shape[3]
     local = pl.pallas_call(
         _chunk_contribution_kernel,
         grid=grid,
-        in_specs=[rows(dk), rows(dv), rows(m), rows(m), run_spec],
+        in_specs=[rows(dk), rows(dv), rows(m), run_spec],
         out_specs=[state(dk, m), state(m, dv)],
         out_shape=[jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, dk, m), state_dtype),
                    jax.ShapeDtypeStruct((batch, num_chunks, kv_heads, m, dv), state_dtype)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
         interpret=interpret,
         name="nha_chunk_contributions",
-    )(ks, vs, gates, writes, run)
-    return tuple(local), (ks, vs, gates, writes, run)
+    )(ks, vs, log_gates, run)
+    return tuple(local), (ks, vs, log_gates, run)
 
 
-def _chunk_contributions_bwd(chunk, state_dtype, config, interpret, written, residuals, cotangents):
-    del written
-    ks, vs, gates, writes, run = residuals
+def _chunk_contributions_bwd(chunk, state_dtype, config, interpret, residuals, cotangents):
+    ks, vs, log_gates, run = residuals
     d_local_k, d_local_v = cotangents
-    grid, rows, run_spec, state = _chunk_contribution_specs(ks, vs, gates, chunk)
-    dk, dv, m = ks.shape[3], vs.shape[3], gates.shape[3]
+    grid, rows, run_spec, state = _chunk_contribution_specs(ks, chunk)
+    dk, dv, m = ks.shape[3], vs.shape[3], log_gates.shape[3]
     dks, dvs, dlog_gates = pl.pallas_call(
         _chunk_contribution_backward_kernel,
         grid=grid,
-        in_specs=[rows(dk), rows(dv), rows(m), rows(m), run_spec, state(dk, m), state(m, dv)],
+        in_specs=[rows(dk), rows(dv), rows(m), run_spec, state(dk, m), state(m, dv)],
         out_specs=[rows(dk), rows(dv), rows(m)],
         out_shape=[jax.ShapeDtypeStruct(ks.shape, ks.dtype), jax.ShapeDtypeStruct(vs.shape, vs.dtype),
-                   jax.ShapeDtypeStruct(gates.shape, jnp.float32)],
+                   jax.ShapeDtypeStruct(log_gates.shape, jnp.float32)],
         compiler_params=_compiler_params(config.state_warps, config.state_stages),
         interpret=interpret,
         name="nha_chunk_contributions_backward",
-    )(ks, vs, gates, writes, run, d_local_k.astype(state_dtype), d_local_v.astype(state_dtype))
+    )(ks, vs, log_gates, run, d_local_k.astype(state_dtype), d_local_v.astype(state_dtype))
     return dks, dvs, dlog_gates, None
 
 
@@ -1360,7 +1338,7 @@ def _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, state_dtyp
     The contributions (and their gradients) are stored in state_dtype like the states: in bf16 they move half the
     bytes of float32, which at B = 1, T = 32768, dk = dv = 128 are 537 MB per tensor.
 
-    Shapes as `_slot_states`, with log_gates [B, Tp, Hkv, m] float32 for gates and writes (`_gates_and_writes`).
+    Shapes as `_slot_states`. written: whether any log gate can be non-zero (`_xla_gates_and_writes`).
     Returns hk [B, nC, Hkv, dk, m], hv [B, nC, Hkv, m, dv] in state_dtype and the final states hk_final
     [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] float32.
     """
@@ -1373,10 +1351,9 @@ def _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, state_dtyp
     # As _handover with base 0: only the last row's run reaches the state leaving the chunk, and the state entering
     # the chunk passes through only if its run is still the last row's.
     if config.scan_contribution_kernel:
-        local_k, local_v = _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret,
-                                                written)
+        local_k, local_v = _chunk_contributions(ks, vs, log_gates, run, chunk, state_dtype, config, interpret)
     else:
-        gates, writes = _gates_and_writes(log_gates, chunk, written)
+        gates, writes = _xla_gates_and_writes(log_gates, chunk, written)
         gates_c = per_chunk(gates)  # [B, nC, C, Hkv, m]
         to_last = jnp.where((runs == last_run[:, :, None])[..., None, None],
                             jnp.exp(gates_c[:, :, -1:] - gates_c), 0.0)
@@ -1392,7 +1369,7 @@ def _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, state_dtyp
     return hk, hv, hk_final, hv_final
 
 
-def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, *,
+def _output_side_grads(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, *,
                        window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """The backward kernels both custom_vjps share: the output backward, the window dq (inside it, or
     `_window_dq`) and the window backward.
@@ -1405,7 +1382,7 @@ def _output_side_grads(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, ou
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
     dq, dks, dvs, dlog_gates, state_k, state_v, dqr = _output_backward(
-        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, d_out, lse, delta, window=window, num_slots=num_slots,
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, delta, window=window, num_slots=num_slots,
         scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=chunk_state_grads)
     if window == 0:
         dqr = jnp.zeros(qr.shape, qr.dtype)
@@ -1430,40 +1407,37 @@ def _group_sum(x, kv_heads):
     return x.reshape(x.shape[:2] + (kv_heads, owners // kv_heads) + x.shape[3:]).sum(axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16, 17))
-def _core(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret, config,
-          written):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16))
+def _core(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret, config):
     """The core problem prepared by `_prepare`, differentiable in its float inputs, with the sequential slot-state
     kernels (`_slot_states` forward, `_state_backward` for its gradient).
 
-    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; log_gates [B, Tp, Hkv, m] float32, the
-    kernels' gates and writes (`_gates_and_writes`, with `written`); hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv]
-    float32; seg, run [B, Tp] int32. Tp is a multiple of `chunk`. config: the tuning.TritonConfig. Returns
-    o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m], hv_final [B, Hkv, m, dv] (float32).
+    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; log_gates [B, Tp, Hkv, m] float32
+    (`_local_gates`); hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of
+    `chunk`. config: the tuning.TritonConfig. Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m],
+    hv_final [B, Hkv, m, dv] (float32).
     """
     return _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk,
-                     interpret, config, written)[0]
+                     interpret, config)[0]
 
 
 def _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
-              config, written):
-    gates, writes = _gates_and_writes(log_gates, chunk, written)
-    out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, gates, writes, hk0, hv0, seg, run,
+              config):
+    out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run,
                                                     window=window, num_slots=num_slots, scale=scale, chunk=chunk,
                                                     interpret=interpret, config=config)
     out, lse, hk, hv = name_residuals(out, lse, hk, hv)
-    return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv)
+    return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, log_gates, seg, run, out, lse, hk, hv)
 
 
-def _core_bwd(window, num_slots, scale, chunk, interpret, config, written, residuals, cotangents):
-    del written
-    q, qr, kr, v, ks, vs, gates, writes, seg, run, out, lse, hk, hv = residuals
+def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cotangents):
+    q, qr, kr, v, ks, vs, log_gates, seg, run, out, lse, hk, hv = residuals
     d_out, dhk_final, dhv_final = cotangents
     batch, _, heads, _ = q.shape
     kv_heads = ks.shape[2]
     group = heads // kv_heads
     d_out, (dq, dqr, dks, dvs, dlog_gates, a, p), dkr, dv = _output_side_grads(
-        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
     splits = _state_splits(q.shape[3], v.shape[3], config)
@@ -1478,7 +1452,7 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, written, resid
         return spread.reshape((batch, heads) + x.shape[2:])
 
     dks_state, dvs_state, dlog_gates_state, dhk0, dhv0 = _state_backward(
-        q, d_out, a, p, ks, vs, gates, writes, run, hk, hv, state_owners(dhk_final), state_owners(dhv_final),
+        q, d_out, a, p, ks, vs, log_gates, run, hk, hv, state_owners(dhk_final), state_owners(dhv_final),
         chunk=chunk, config=config, interpret=interpret)
 
     def owners_to_kv(x):  # [B, Tp, owners, d] -> [B, Tp, Hkv, d]
@@ -1498,9 +1472,9 @@ def _core_bwd(window, num_slots, scale, chunk, interpret, config, written, resid
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16, 17))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16))
 def _core_given_states(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
-                       interpret, config, written):
+                       interpret, config):
     """The core problem with the states entering each chunk given (by `_scanned_chunk_states`): the output kernel,
     and as its gradient the output and window backward kernels plus the gradient of each chunk's entering state.
 
@@ -1509,25 +1483,23 @@ def _core_given_states(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window
     Returns o [B, Tp, H, dv] in q.dtype.
     """
     return _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale,
-                                  chunk, interpret, config, written)[0]
+                                  chunk, interpret, config)[0]
 
 
 def _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
-                           interpret, config, written):
-    gates, writes = _gates_and_writes(log_gates, chunk, written)
-    out, lse = _outputs(q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, window=window, num_slots=num_slots,
+                           interpret, config):
+    out, lse = _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window=window, num_slots=num_slots,
                         scale=scale, chunk=chunk, config=config, interpret=interpret)
     out, lse, hk, hv = name_residuals(out, lse, hk, hv)
-    return out, (q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse)
+    return out, (q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse)
 
 
-def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, written, residuals, d_out):
-    del written
-    q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse = residuals
+def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, residuals, d_out):
+    q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse = residuals
     # The gradient of the state entering a chunk (its rows' q^T a and p^T do) comes from the output backward per
     # program, summed here over the rest of each GQA group.
     d_out, (dq, dqr, dks, dvs, dlog_gates, dhk, dhv), dkr, dv = _output_side_grads(
-        q, qr, kr, v, ks, vs, gates, writes, hk, hv, seg, run, out, lse, d_out, window=window,
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, window=window,
         num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=True)
     group_sum = functools.partial(_group_sum, kv_heads=ks.shape[2])
     state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x).astype(x.dtype)
@@ -1588,14 +1560,12 @@ def _chunk_cumsum(x, chunk):
     return summed.reshape(x.shape)
 
 
-def _gates_and_writes(log_gates, chunk, written):
-    """The kernels' gates and write strengths from the log gates [B, Tp, Hkv, m] float32 (shifted by W, 0 where
-    nothing is written): gates G, their cumulative sums restarting at every chunk, and writes s = 1 - alpha =
-    -expm1(log alpha) (0 where the log gate is 0). The custom_vjps take the log gates and their backward kernels
-    give the log gates' gradient directly (`_log_gate_grad`): no cumsum's transpose or separate write-strength
-    gradient left for XLA. written False (W >= T: no token reaches the slots, every log gate is 0) gives constant
-    zeros: left as a cumsum of that constant, XLA:GPU constant-folds it element by element, minutes of compile time
-    per full-window layer."""
+def _xla_gates_and_writes(log_gates, chunk, written):
+    """`_local_gates` over every chunk at once in XLA, for the scan path's contributions without their kernel:
+    log_gates [B, Tp, Hkv, m] float32 -> gates (cumulative sums restarting at every chunk) and write strengths.
+    written False (W >= T: no token reaches the slots, every log gate is 0) gives constant zeros: left as a cumsum
+    of that constant, XLA:GPU constant-folds it element by element, minutes of compile time per full-window
+    layer."""
     if not written:
         zeros = jnp.zeros_like(log_gates)
         return zeros, zeros
@@ -1679,14 +1649,13 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     config = config or table_config(k.shape[0], k.shape[2], dk, dv, m)
     core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
                                 rope_theta=rope_theta, block_size=block_size or config.chunk)
-    written = window < seq  # some token reaches the slots
-    statics = (window, m, float(scale), chunk, bool(interpret), config, written)
+    statics = (window, m, float(scale), chunk, bool(interpret), config)
     if config.scan_states and min(config.sub_block, chunk) == chunk:
         q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run = core_args
         state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
         hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, chunk=chunk,
                                                              state_dtype=state_dtype, config=config,
-                                                             interpret=interpret, written=written)
+                                                             interpret=interpret, written=window < seq)
         out = _core_given_states(q_p, qr, kr, v_p, ks, vs, log_gates, hk_chunks, hv_chunks, seg, run, *statics)
     else:
         out, hk, hv = _core(*core_args, *statics)

@@ -16,8 +16,8 @@ from nha_jax.ops.reference import nha_recurrent
 from nha_jax.ops.segments import runs_and_positions
 from nha_testing import live_kernel_calls, max_rel_err
 from pallas_kernels import triton
-from pallas_kernels.triton import (_FACTORED_SPAN, _chunk_scan, _gates_and_writes, _prepare, _stacked_heads,
-                                   _strong_chunks, nha_attention_triton)
+from pallas_kernels.triton import (_FACTORED_SPAN, _chunk_scan, _prepare, _stacked_heads, _strong_chunks,
+                                   nha_attention_triton)
 from pallas_kernels.tuning import triton_config
 
 ROPE = 10000.0
@@ -74,16 +74,14 @@ CASES = {
 
 
 def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub=16):
-    """max over slots of G_base - G_last per (batch, kv head, sub-block of `sub` rows), from the kernels' own gates,
-    and the gates."""
-    core_args, chunk = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
-                                block_size=block_size)
-    gates, _ = _gates_and_writes(core_args[6], chunk, written=True)  # [B, Tp, Hkv, m] chunk-local cumulative
-    batch, t_pad, kv_heads, m = gates.shape
-    last = gates[:, sub - 1::sub]  # each sub-block's last row
-    base = jnp.where((jnp.arange(t_pad // sub) * sub % chunk == 0)[None, :, None, None], 0.0,
-                     jnp.pad(last, [(0, 0), (1, 0), (0, 0), (0, 0)])[:, :-1])
-    return jnp.max(base - last, axis=-1), gates
+    """The span of each (batch, sub-block of `sub` rows, kv head), max over slots of -G_last (the decay across the
+    sub-block), from the kernels' own log gates, and those log gates [B, Tp, Hkv, m]."""
+    core_args, _ = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
+                            block_size=block_size)
+    log_gates = core_args[6]
+    batch, t_pad, kv_heads, m = log_gates.shape
+    last = jnp.cumsum(log_gates.reshape(batch, t_pad // sub, sub, kv_heads, m), axis=2)[:, :, -1]
+    return jnp.max(-last, axis=-1), log_gates
 
 
 @pytest.mark.parametrize("states", ["sequential", "scan"])
@@ -119,8 +117,8 @@ def _check_against_naive(case, config):
         assert float(spans.max()) > _FACTORED_SPAN > float(spans.max(axis=(0, 2))[2]) > 0.5 * _FACTORED_SPAN
         # Both passes of the output kernels have work: chunks in the factored form and chunks redone elementwise.
         sub = min(config.sub_block, block_size)
-        spans, gates = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub)
-        strong = _strong_chunks(gates, block_size, sub)
+        spans, log_gates = _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub)
+        strong = _strong_chunks(log_gates, block_size, sub)
         assert 0 < int(strong.sum()) < strong.size
         per_chunk = spans.reshape(batch, -1, block_size // sub, kv_heads).max(axis=2)
         assert jnp.array_equal(strong, (per_chunk > _FACTORED_SPAN).astype(jnp.int32))
@@ -288,12 +286,19 @@ def test_bad_input_raises_value_error(change, match):
 @pytest.mark.parametrize("impl", ["pallas_triton", "chunked"])
 def test_full_window_gates_are_not_a_cumsum_of_constants(impl, monkeypatch):
     """With W >= T no token reaches the slots, so every gate is a constant 0. A cumulative sum over such a constant
-    is folded by XLA:GPU element by element at compile time (minutes per layer at training shapes): the Triton path
-    must pass the gates as zeros, the chunked path must hide them behind an optimisation barrier."""
+    is folded by XLA:GPU element by element at compile time (minutes per layer at training shapes): the Triton
+    path, whose only gate cumsum in XLA is that of the scan path's contributions without their kernel (the kernels
+    take theirs in-kernel), must pass the gates as zeros; the chunked path must hide them behind an optimisation
+    barrier."""
     q, k, v, log_alpha, _ = _inputs(0, 1, 24, 2, 1, 8, 8, 4)
+    config = dataclasses.replace(triton_config(16), scan_states=True, scan_contribution_kernel=False)
 
     def jaxpr(window):
-        loss = lambda *args: nha_attention(*args, window=window, impl=impl, chunk_size=8).sum()
+        if impl == "pallas_triton":
+            loss = lambda *args: _triton(*args, jnp.zeros((1, 24), jnp.int32), window=window, block_size=16,
+                                         config=config).sum()
+        else:
+            loss = lambda *args: nha_attention(*args, window=window, impl=impl, chunk_size=8).sum()
         return str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_alpha))
 
     if impl == "pallas_triton":
