@@ -14,7 +14,7 @@ Layout of the computation (NHA_SPEC sections 1 and 3):
   head's keys, states and gates loaded once, the heads' rows stacked into [S * R, d] tiles: TritonConfig.stacked_rows)
   and walks its chunk in sub-blocks of R rows carrying the slot state; per sub-block: slot logits (state + the
   pairs inside the sub-block), window logits over key blocks with an online softmax, one float32 softmax over both,
-  slot read, window read. The pair terms are small dots with the decay factored through the sub-block's base gate
+  slot read, window read. The pair terms are small dots with the decay factored through the sub-block's start
   (`_FactoredPairs`). Where a chunk's gates are so strong that a factor could overflow (`_strong_chunks`), a second
   pass of the kernel redoes that chunk in place with an elementwise [R, R, m] block whose gate exponents are all
   <= 0 (`_launch_output_kernel`); both output kernels run this way.
@@ -89,10 +89,10 @@ def _dot(a, b, *, trans_a=False, trans_b=False, exact=True):
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels.
 
-# The largest gate span of a sub-block (max over slots of G_base - G_last, the summed -log alpha of its rows) for
-# which its pairs are computed as matmuls with the decay factored through the sub-block's base:
-# exp(G_t - G_p) = exp(G_t - G_base) * exp(G_base - G_p), the second factor up to e^span (float32 overflows near
-# e^88; the margin covers the sums of products). Stronger forgetting falls back to the elementwise [R, R, m] block.
+# The largest gate span of a sub-block (max over slots of -G_last, the summed -log alpha of its rows, with the gates
+# G of `_local_gates`) for which its pairs are computed as matmuls with the decay factored through the sub-block's
+# start: exp(G_t - G_p) = exp(G_t) * exp(-G_p), the second factor up to e^span (float32 overflows near e^88; the
+# margin covers the sums of products). Stronger forgetting falls back to the elementwise [R, R, m] block.
 _FACTORED_SPAN = 60.0
 
 
