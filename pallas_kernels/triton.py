@@ -494,10 +494,10 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref
     dtype) and float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs
     inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors
     a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each
-    sub-block): as a, p [C, S, m] per query head (inputs' dtype), which `_state_backward_kernel` carries back; or, with chunk_state_grads (one sub-block per chunk, the
-    scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed over the S heads (in the chunk states' dtype), so
-    that neither the factors nor the queries go through HBM again. The S heads are taken in `passes` passes of
-    S / passes heads each (TritonConfig.backward_head_passes).
+    sub-block): as a, p [C, S, m] per query head (inputs' dtype), which `_state_backward_kernel` carries back; or,
+    with chunk_state_grads (one sub-block per chunk, the scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed
+    over the S heads (in the chunk states' dtype), so that neither the factors nor the queries go through HBM again.
+    The S heads are taken in `passes` passes of S / passes heads each (TritonConfig.backward_head_passes).
     """
     heads = _heads_of(q_ref)
     per_pass = heads // passes
