@@ -179,7 +179,6 @@ SWEEP = {  # tuning-table candidates, applied to every kernel that uses the fiel
     "key_block16": dict(key_block=16),
     "bwd_warps8": dict(backward_warps=8),
     "xla_contributions": dict(scan_contribution_kernel=False),
-    "state_gates_ahead": dict(state_gates_ahead=True),
     "bwd_passes1": dict(backward_head_passes=1),
     "bwd_passes2": dict(backward_head_passes=2),
     "bwd_passes4": dict(backward_head_passes=4),

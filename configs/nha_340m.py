@@ -9,9 +9,8 @@ Hardware and time: 8 x H100 or a TPU v5p-16 class slice (FSDP over all devices).
 measured on one H100 (2026-11-27, bench/bench_train.py, 8 x 2048 tokens per step, remat as here): 136.9k tokens/s
 (26.9% MFU), i.e. about 3.8 hours on 8 GPUs if that rate held per GPU under FSDP (the scaling run, 2026-11-26,
 older kernels and matmuls, measured 41.3k per GPU over 4, not redone since). grad_accum_steps and model.remat trade
-memory for speed (model.remat=dots_and_attention keeps the NHA kernels from running twice: on that H100, with the
-kernels one step before these, 118.5 ms a step against 124.4 as here, at 17.1 against 15.2 GiB; none: 118.3 ms,
-24.7 GiB).
+memory for speed (model.remat=dots_and_attention keeps the attention kernels from running twice: on that H100,
+118.2 ms a step against 119.5 as here, at 16.9 against 14.9 GiB; none, with older kernels: 118.3 ms, 24.7 GiB).
 Expect: NHA_SPEC section 5 reports the 1.3B results; at 340M expect wikitext perplexity a little below the
 Transformer++ and GSA 340M baselines (configs/transformer_340m.py, configs/gsa_340m.py) at the same tokens.
 """

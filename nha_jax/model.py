@@ -19,16 +19,27 @@ from pallas_kernels import RESIDUALS_NAME
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 # Remat policies by config name; None means no rematerialisation (keep every activation). "dots_and_attention"
-# also keeps what the NHA kernels' backward needs from their forward (output, softmax statistics, chunk states;
-# about 100 MB per layer at NHA-340M's 8 x 2048 tokens), so the backward pass does not run those kernels again.
+# also keeps what every attention kernel's backward needs from its forward, so the backward pass does not run the
+# forward kernels again: the NHA kernels' output, softmax statistics and chunk states (tagged RESIDUALS_NAME; about
+# 100 MB per layer at NHA-340M's 8 x 2048 tokens), and the output and softmax statistics of cuDNN's flash attention
+# (the full-window layers and Transformer++), whose forward is the primitive below.
+_CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
 _policies = jax.checkpoint_policies
+
+
+def _cudnn_attention_forward_saveable(prim, *_, **__) -> bool:
+    return prim.name in _CUDNN_ATTENTION_FORWARD
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": _policies.nothing_saveable,
     "dots_saveable": _policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
-    "dots_and_attention": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
-                                                            _policies.save_only_these_names(RESIDUALS_NAME)),
+    "dots_and_attention": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_from_both_policies(_policies.save_only_these_names(RESIDUALS_NAME),
+                                          _cudnn_attention_forward_saveable)),
 }
 
 

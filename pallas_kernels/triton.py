@@ -332,20 +332,20 @@ class _EnteringState:
 
 
 def _state_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, hk0_ref, hv0_ref,
-                  hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks, gates_ahead):
+                  hk_ref, hv_ref, hk_final_ref, hv_final_ref, *, chunk, num_chunks):
     """One (batch, kv head, slice of dk and dv): H^k/H^v entering every chunk, and after the last one.
 
     ks [Tp, dk], vs [Tp, dv] shifted keys/values; log_gates [Tp, m] shifted log gates (0 where nothing is written:
     `_local_gates`); run [Tp] slot run ids (non-decreasing);
     hk0 [dk, m], hv0 [m, dv] initial state (belongs to run 0). Outputs hk [nC, dk, m], hv [nC, m, dv], finals
-    (dk and dv here are this program's slices). gates_ahead (TritonConfig.state_gates_ahead): each loop step
-    computes the next chunk's hand-over (which does not depend on the carried state) and carries it, rather than
-    its own chunk's between the state's updates.
+    (dk and dv here are this program's slices).
     """
     compute_dtype = ks_ref.dtype
 
-    def handover(c, state_run):
-        """Chunk c's write weights (in the compute dtype), decay and last row's run."""
+    def body(c, carry):
+        hk, hv, state_run = carry
+        hk_ref[c, :, :] = hk.astype(hk_ref.dtype)
+        hv_ref[c, :, :] = hv.astype(hv_ref.dtype)
         rows = pl.ds(c * chunk, chunk)
         last_run = run_ref[c * chunk + chunk - 1]
         log_gates = log_gates_ref[rows, :]
@@ -353,31 +353,13 @@ def _state_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, hk0_ref, hv0_ref,
         # The chunk's summed log gates from its tile here: loaded as a precomputed row instead, this kernel took
         # 0.721 against 0.633 ms (H100, B = 2, T = 8192, dk = 128).
         to_last, decay = _handover(gates, jnp.sum(log_gates, axis=0), run_ref[rows], state_run, last_run)
-        return (writes * to_last).astype(compute_dtype), decay, last_run
+        weights = (writes * to_last).astype(compute_dtype)
+        hk = hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True)
+        hv = hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True)
+        return hk, hv, last_run
 
-    def advance(c, hk, hv, weights, decay):
-        """Stores the state entering chunk c and returns the state leaving it."""
-        hk_ref[c, :, :] = hk.astype(hk_ref.dtype)
-        hv_ref[c, :, :] = hv.astype(hv_ref.dtype)
-        rows = pl.ds(c * chunk, chunk)
-        return (hk * decay[None, :] + _dot(ks_ref[rows, :], weights, trans_a=True),
-                hv * decay[:, None] + _dot(weights, vs_ref[rows, :], trans_a=True))
-
-    def body(c, carry):
-        hk, hv, state_run = carry
-        weights, decay, last_run = handover(c, state_run)
-        return (*advance(c, hk, hv, weights, decay), last_run)
-
-    def body_ahead(c, carry):
-        hk, hv, weights, decay, last_run = carry
-        ahead = handover(jnp.minimum(c + 1, num_chunks - 1), last_run)  # the last step's is not used
-        return (*advance(c, hk, hv, weights, decay), *ahead)
-
-    state0 = (hk0_ref[...], hv0_ref[...])
-    if gates_ahead:
-        hk, hv, *_ = jax.lax.fori_loop(0, num_chunks, body_ahead, (*state0, *handover(0, jnp.int32(0))))
-    else:
-        hk, hv, _ = jax.lax.fori_loop(0, num_chunks, body, (*state0, jnp.int32(0)))
+    init = (hk0_ref[...], hv0_ref[...], jnp.int32(0))
+    hk, hv, _ = jax.lax.fori_loop(0, num_chunks, body, init)
     hk_final_ref[...] = hk
     hv_final_ref[...] = hv
 
@@ -805,7 +787,7 @@ def _slot_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, config, interpret):
         return pl.BlockSpec((None, None, *shape), index)
 
     return pl.pallas_call(
-        functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks, gates_ahead=config.state_gates_ahead),
+        functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks),
         grid=(batch, kv_heads, splits),
         in_specs=[per_token(dk_part, True), per_token(dv_part, True), per_token(m, False),
                   pl.BlockSpec((None, t_pad), lambda b, g, i: (b, 0)),

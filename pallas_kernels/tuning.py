@@ -107,8 +107,6 @@ class TritonConfig:
     scan_tile / scan_unroll / scan_warps: the tile of a slot state [dk, m] or [m, dv] per program of the
       elementwise chunk scan that scan_states runs (grid B x Hkv x tiles), chunks per step of its loop (half as many
       in its backward, which loads three tiles per chunk), and its num_warps.
-    state_gates_ahead: the sequential slot-state kernel computes each chunk's hand-over (weights and decay from its
-      log gates) one loop step ahead, so that it is not between the state's updates in the dependent chain.
     input_dtype_states: store the slot states entering each chunk (written by the forward, read by both output
       kernels and the state backward, kept for the backward) in the inputs' dtype instead of float32. The output
       kernels round them to that dtype before their dots either way; the state backward's decay gradient
@@ -135,7 +133,6 @@ class TritonConfig:
     window_stages: int | None = None
     backward_head_passes: int = 1
     scan_contribution_kernel: bool = True
-    state_gates_ahead: bool = False
     scan_tile: tuple[int, int] = (16, 32)
     scan_unroll: int = 16
     scan_warps: int = 4

@@ -85,6 +85,12 @@ def live_kernel_calls(jaxpr, name):
     Pallas calls are never removed by JAX's dead-code pass (XLA removes them at compile time), so a call whose
     outputs nothing reads is not counted: it does not run.
     """
+    return live_equations(jaxpr, lambda eqn: eqn.primitive.name == "pallas_call" and kernel_name(eqn) == name)
+
+
+def live_equations(jaxpr, matches):
+    """How many equations for which matches(equation) is true, in a jaxpr and those nested in it, have an output
+    that is used."""
     used = {}  # per holding jaxpr: the ids of the variables its equations read or it returns
 
     def is_used(var, holder):
@@ -93,5 +99,4 @@ def live_kernel_calls(jaxpr, name):
         return id(var) in used[id(holder)]
 
     return sum(1 for eqn, holder in nested_equations(jaxpr)
-               if eqn.primitive.name == "pallas_call" and kernel_name(eqn) == name
-               and any(is_used(v, holder) for v in eqn.outvars))
+               if matches(eqn) and any(is_used(v, holder) for v in eqn.outvars))

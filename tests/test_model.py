@@ -10,7 +10,7 @@ from nha_jax import ops
 from nha_jax.layers import long_term_share
 from nha_jax.model import LanguageModel, layer_windows, schedule_period
 from nha_jax.training.step import token_losses
-from nha_testing import nested_equations
+from nha_testing import live_equations, nested_equations
 
 SEQ = 48
 
@@ -130,6 +130,32 @@ def test_bf16_model_gradient_has_no_float32_matmul():
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
     dense = [eqn for eqn, shapes in float32_matmuls(jaxpr) if {d_model, vocab, hidden} & set(sum(shapes, ()))]
     assert not dense, dense[:2]
+
+
+def test_remat_policy_dots_and_attention_keeps_cudnn_attention_from_running_again(monkeypatch):
+    """The full-window layers' cuDNN flash attention (and Transformer++'s): under "dots_and_attention" its forward
+    runs once per step, its output and softmax statistics kept for the backward. Traced only (no cuDNN on CPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    from nha_jax.model import REMAT_POLICIES
+    from nha_jax.ops.attention import causal_softmax_attention
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda *_: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda *_: True)
+    x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+    eye = jnp.eye(64, dtype=x.dtype)
+
+    def block(x):  # attention between two matmuls, as in the model
+        out = causal_softmax_attention(x @ eye, x, x, scale=0.125, rope_theta=10000.0, implementation="cudnn",
+                                       sinks=16)
+        return out @ eye
+
+    def live_attention_forwards(policy):
+        loss = lambda x: jnp.sum(jax.checkpoint(block, policy=REMAT_POLICIES[policy])(x).astype(jnp.float32))
+        return live_equations(jax.make_jaxpr(jax.grad(loss))(x).jaxpr,
+                              lambda eqn: eqn.primitive.name == "dot_product_attention_fwd_wrapper")
+
+    assert live_attention_forwards("dots_with_no_batch_dims_saveable") == 2  # forward, and again in the backward
+    assert live_attention_forwards("dots_and_attention") == 1
+    assert live_attention_forwards("full") == 2
 
 
 def test_logits_matmul_gradient_matches_plain_dot():

@@ -92,12 +92,11 @@ def test_forward_and_gradients_match_naive(case, states):
     from the sequential kernels or from the chunk scan (one sub-block per chunk). The sequential state backward
     takes a whole GQA group per program wherever the group is a power of two (on the GPU only when there are
     enough programs), and so do the output and window kernels (their rows stacked): the group-of-3 case covers one
-    program per query head. The sequential slot-state kernel computes each chunk's hand-over a step ahead here
-    (state_gates_ahead; the other tests take the table's in-step form)."""
+    program per query head."""
     batch, seq, heads, kv_heads, dk, dv, m, window, cuts, block_size, gate_boost = case
     config = dataclasses.replace(triton_config(max(dk, dv, 16)), grouped_state_backward_programs=0,
                                  scan_states=states == "scan", stacked_rows=64, state_splits=2,
-                                 separate_window_dq=False, backward_head_passes=2, state_gates_ahead=True)
+                                 separate_window_dq=False, backward_head_passes=2)
     group = heads // kv_heads
     assert _stacked_heads(group, 16, config.stacked_rows) == (group if group & (group - 1) == 0 else 1)
     if states == "scan":  # also the window dq in its own kernel and the stacked heads in passes of one head
