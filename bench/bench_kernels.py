@@ -208,8 +208,7 @@ def breakdown(key, shape, reps, sweep):
         chunk = config.chunk
         prep = jax.jit(lambda q, k, v, la, chunk=chunk: _prepare(
             q, k, v, la, seg, pos, None, None, window=WINDOW, rope_theta=10000.0, block_size=chunk)[0])
-        q_p, kr, v_p, ks, vs, log_gates, hk0, hv0, seg_p, run, pos_p, freqs = prep(q, k, v, la)
-        rope = dict(rope_half=HEAD_DIM // 2)
+        q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg_p, run = prep(q, k, v, la)
         if name == sweep[0]:
             whole = jax.jit(pallas_fn(WINDOW))
             print(f"{shape} prepare {median_ms(prep, (q, k, v, la), reps):.3f} ms, whole forward "
@@ -217,16 +216,15 @@ def breakdown(key, shape, reps, sweep):
         kernels = dict(
             state=jax.jit(lambda *a, config=config: _slot_states(*a, chunk=chunk, config=config, interpret=False)),
             output=jax.jit(lambda *a, config=config: _outputs(
-                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False, **rope)),
+                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False)),
             output_bwd=jax.jit(lambda *a, config=config: _output_backward(
-                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False,
-                **rope)),
+                *a, window=WINDOW, num_slots=SLOTS, scale=scale, chunk=chunk, config=config, interpret=False)),
             state_bwd=jax.jit(lambda *a, config=config: _state_backward(
                 *a, chunk=chunk, config=config, interpret=False)),
             window_bwd=jax.jit(lambda *a, config=config: _window_backward(
-                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False, **rope)),
+                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)),
             window_dq=jax.jit(lambda *a, config=config: _window_dq(
-                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False, **rope)))
+                *a, window=WINDOW, scale=scale, chunk=chunk, config=config, interpret=False)))
         times = {}
 
         def timed(kernel, args):  # printed at once: a kernel whose compile hangs is the one after the last line
@@ -237,21 +235,22 @@ def breakdown(key, shape, reps, sweep):
             args = (ks, vs, log_gates, hk0, hv0, run)
             hk, hv, hk_last, hv_last = kernels["state"](*args)
             timed("state", args)
-            args = (q_p, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run, pos_p, freqs)
+            args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run)
             out, lse = kernels["output"](*args)
             timed("output", args)
             d_out = jnp.pad(ct, [(0, 0), (0, out.shape[1] - seq), (0, 0), (0, 0)])
-            args = (q_p, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run, pos_p, freqs, d_out, lse, out)
-            _, _, _, _, a, p, delta, _ = kernels["output_bwd"](*args)
+            delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+            args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk, hv, seg_p, run, d_out, lse, delta)
+            _, _, _, _, a, p, _ = kernels["output_bwd"](*args)
             timed("output_bwd", args)
             if config.separate_window_dq:
-                timed("window_dq", (q_p, kr, v_p, d_out, lse, delta, seg_p, pos_p, freqs))
+                timed("window_dq", (qr, kr, v_p, d_out, lse, delta, seg_p))
             splits = _state_splits(HEAD_DIM, HEAD_DIM, config)
             owners = HEADS // _heads_per_state_program(HEADS // KV_HEADS, batch * KV_HEADS * splits, config)
             dhk_last = jnp.zeros((batch, owners) + hk_last.shape[2:], jnp.float32)
             dhv_last = jnp.zeros((batch, owners) + hv_last.shape[2:], jnp.float32)
             timed("state_bwd", (q_p, d_out, a, p, ks, vs, log_gates, run, hk, hv, dhk_last, dhv_last))
-            timed("window_bwd", (q_p, kr, v_p, d_out, lse, delta, seg_p, pos_p, freqs))
+            timed("window_bwd", (qr, kr, v_p, d_out, lse, delta, seg_p))
         except Exception as err:  # a variant that does not compile is reported and skipped
             print(f"{shape} {name}: {type(err).__name__}: {str(err)[:300]}")
             continue

@@ -2,11 +2,11 @@
 
 Layout of the computation (NHA_SPEC sections 1 and 3):
 - XLA prepares the inputs once: pads T to a multiple of the chunk and the head/slot dims to powers of two, applies
-  RoPE to the window copy of k (the kernels rotate the queries themselves: `_rotated`), shifts the slot inputs by W
-  (k'_p = k_{p-W}: token j is written at step j + W) and zeroes the log gates (and so the writes) that would cross a
-  change of run id. Everything here is differentiated by XLA, so the kernels only see the "core" problem below.
-  Each kernel turns the log gates of the block it works on into that block's cumulative gates and write strengths
-  (`_local_gates`), and the backward kernels give the log gates' gradient (`_log_gate_grad`).
+  RoPE to the window copies of q and k, shifts the slot inputs by W (k'_p = k_{p-W}: token j is written at step
+  j + W) and zeroes the log gates (and so the writes) that would cross a change of run id. Everything here is
+  differentiated by XLA, so the kernels only see the "core" problem below. Each kernel turns the log gates of the
+  block it works on into that block's cumulative gates and write strengths (`_local_gates`), and the backward
+  kernels give the log gates' gradient (`_log_gate_grad`).
 - `_state_kernel`, grid (B, Hkv, dk/dv slices), sequential over chunks: the slot states H^k_c [dk, m] and
   H^v_c [m, dv] that enter each chunk (in HBM, in the inputs' dtype: TritonConfig.input_dtype_states), and the
   final state.
@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import name_residuals
-from pallas_kernels.rope import rope, rope_frequencies, rope_transpose
+from pallas_kernels.rope import rope
 from pallas_kernels.tuning import triton_config
 
 # A finite "minus infinity": exp() of it underflows to 0 and differences of it never make NaN.
@@ -157,25 +157,6 @@ def _sum_heads(x, heads):
     if heads == 1:
         return x
     return jnp.sum(x.reshape(x.shape[0] // heads, heads, x.shape[1]), axis=1)
-
-
-def _rotated(x, positions, freq_ref, half, heads):
-    """RoPE of a program's stacked query rows, in-kernel: x [R * heads, d] (inputs' dtype), positions [R] int32 the
-    rows' RoPE positions, freq_ref [d] per-column inverse frequencies (`rope.rope_frequencies`), half = dk / 2 of
-    the unpadded dk (0: no RoPE, x as it is). Returns [R * heads, d] in x.dtype, rounded as `rope.rope`'s copy was.
-
-    The halves trade places through a dot with a permutation matrix, exact (one product per element): Triton has no
-    gather across a tile's columns. Rotating here rather than in XLA saves writing and reading a rotated copy of q.
-    """
-    if not half:
-        return x
-    d = x.shape[-1]
-    column = jnp.arange(d)
-    signs = jnp.where(column < half, -1.0, jnp.where(column < 2 * half, 1.0, 0.0))
-    partner = column - (signs * half).astype(jnp.int32)  # the column each one trades with (itself on padding)
-    swapped = _dot(x, (column[None, :] == partner[:, None]).astype(x.dtype))
-    angles = _per_row(positions.astype(jnp.float32)[:, None] * freq_ref[...][None, :], heads)
-    return (x.astype(jnp.float32) * jnp.cos(angles) + swapped * (jnp.sin(angles) * signs[None, :])).astype(x.dtype)
 
 
 def _local_gates(log_gates):
@@ -383,18 +364,17 @@ def _state_kernel(ks_ref, vs_ref, log_gates_ref, run_ref, hk0_ref, hv0_ref,
     hv_final_ref[...] = hv
 
 
-def _output_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
-                   kr_ref, v_ref, seg_ref, run_ref, pos_ref, freq_ref, o_ref, lse_ref, *,
-                   chunk, sub, key_block, window, num_slots, scale, rope_half, chunk_index, pair_cls):
+def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
+                   kr_ref, v_ref, seg_ref, run_ref, o_ref, lse_ref, *,
+                   chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls):
     """One (batch, block of query heads of one GQA group, chunk of C queries): the NHA output of those queries.
 
-    q [C, S, dk] the S query heads' queries (as they are for the slots, rotated here for the window: `_rotated`
-    with pos [Tp] the RoPE positions, freq [dk] and rope_half); ks [C, dk], vs [C, dv], log_gates [C, m] this
-    chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the chunk; kr [Tp, dk], v [Tp, dv] the
-    whole (RoPE'd) keys and values of the kv head; seg [Tp] window run ids, run [Tp] slot run ids; chunk_index
-    this program's chunk (its program id 2, given by `_pair_kernel`). Outputs o [C, S, dv] and lse [C, S], the
-    float32 log-sum-exp of each row's joint softmax (for the backward). The S heads' rows are stacked (`_per_row`):
-    every dot has R * S rows.
+    q/qr [C, S, dk] the S query heads' queries (plain for slots, RoPE'd for the window); ks [C, dk], vs [C, dv],
+    log_gates [C, m] this chunk's shifted slot inputs; hk [dk, m], hv [m, dv] the state entering the
+    chunk; kr [Tp, dk], v [Tp, dv] the whole (RoPE'd) keys and values of the kv head; seg [Tp] window run ids,
+    run [Tp] slot run ids; chunk_index this program's chunk (its program id 2, given by `_pair_kernel`). Outputs o
+    [C, S, dv] and lse [C, S], the float32 log-sum-exp of each row's joint softmax (for the backward). The S heads'
+    rows are stacked (`_per_row`): every dot has R * S rows.
 
     The chunk is walked in sub-blocks of `sub` rows, carrying the slot state from one to the next, so that the
     state entering a sub-block reaches its rows through exp(G_t) <= 1 (the sub-block's `_local_gates`). The pairs
@@ -442,8 +422,7 @@ def _output_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
             row_sum = jnp.zeros((sub * heads,), jnp.float32)
 
         if window > 0:
-            qr = _rotated(q if num_slots > 0 else _load_rows(q_ref, blk, heads), pos_ref[pl.ds(t0, sub)], freq_ref,
-                          rope_half, heads)
+            qr = _load_rows(qr_ref, blk, heads)
             t_idx = t0 + row_token
             seg_q = _per_row(seg_ref[pl.ds(t0, sub)], heads)
             key_rows = jnp.arange(key_block)
@@ -482,10 +461,10 @@ def _output_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
             state_run = last_run
 
 
-def _output_backward_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref, kr_ref, v_ref,
-                            seg_ref, run_ref, pos_ref, freq_ref, do_ref, lse_ref, o_ref,
+def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref, kr_ref, v_ref,
+                            seg_ref, run_ref, do_ref, lse_ref, o_ref,
                             dq_ref, dks_ref, dvs_ref, dlog_gates_ref, state_k_ref, state_v_ref, delta_ref, *dqr_ref,
-                            chunk, sub, key_block, window, num_slots, scale, rope_half, chunk_index, pair_cls,
+                            chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
                             chunk_state_grads, passes):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
@@ -494,10 +473,9 @@ def _output_backward_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref
     (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head: float32
     delta [C, S] = sum(do * o) per row (for the window kernels after this one: reading o here instead of a
     reduction of its own saves XLA a pass over do and o), and in the inputs' dtype dq [C, S, dk] (slot branch),
-    and when the launcher passes a dqr ref [C, S, dk] the window branch's, with respect to the rotated queries
-    (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs' dtype) and
-    float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs inside each
-    sub-block and the decay of the state entering it. The state's share, by the per-row factors
+    and when the launcher passes a dqr ref [C, S, dk] the window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
+    dtype) and float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs
+    inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors
     a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each
     sub-block): as a, p [C, S, m] per query head (inputs' dtype), which `_state_backward_kernel` carries back; or,
     with chunk_state_grads (one sub-block per chunk, the scan path), as the chunk's dH^k [dk, m], dH^v [m, dv] summed
@@ -568,8 +546,7 @@ def _output_backward_kernel(q_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref
                 store(state_k_ref, scale * d_logits * inter)
                 store(state_v_ref, probs * inter)
             if dqr_ref:
-                qr = _rotated(q, pos_ref[pl.ds(t0, sub)], freq_ref, rope_half, per_pass)
-                store(dqr_ref[0], _window_query_grad(qr, d_out, lse, delta, t0, sub, per_pass, seg_ref,
+                store(dqr_ref[0], _window_query_grad(load(qr_ref), d_out, lse, delta, t0, sub, per_pass, seg_ref,
                                                      kr_ref, v_ref, key_block=key_block, window=window, scale=scale))
             return sums
 
@@ -620,19 +597,16 @@ def _window_query_grad(qr, d_out, lse, delta, t0, rows, heads, seg_ref, kr_ref, 
     return scale * dqr
 
 
-def _window_dq_kernel(q_ref, do_ref, lse_ref, delta_ref, seg_ref, pos_ref, freq_ref, kr_ref, v_ref, dqr_ref, *,
-                      chunk, key_block, window, scale, rope_half):
+def _window_dq_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dqr_ref, *, chunk, key_block,
+                      window, scale):
     """The window dq of one (batch, block of S query heads, chunk) in a pass of its own
-    (TritonConfig.separate_window_dq): q, do [C, S, d], lse, delta [C, S], seg, pos [Tp], freq [dk] (the queries
-    rotated by `_rotated`), the kv head's kr [Tp, dk], v [Tp, dv]. Output dqr [C, S, dk], with respect to the
-    rotated queries."""
-    heads = _heads_of(q_ref)
+    (TritonConfig.separate_window_dq): qr, do [C, S, d], lse, delta [C, S], the kv head's kr [Tp, dk], v [Tp, dv],
+    seg [Tp]. Output dqr [C, S, dk]."""
+    heads = _heads_of(qr_ref)
     blk = pl.ds(0, chunk)
-    t0 = pl.program_id(2) * chunk
-    qr = _rotated(_load_rows(q_ref, blk, heads), pos_ref[pl.ds(t0, chunk)], freq_ref, rope_half, heads)
-    dqr = _window_query_grad(qr, _load_rows(do_ref, blk, heads),
+    dqr = _window_query_grad(_load_rows(qr_ref, blk, heads), _load_rows(do_ref, blk, heads),
                              _load_rows(lse_ref, blk, heads), _load_rows(delta_ref, blk, heads),
-                             t0, chunk, heads, seg_ref, kr_ref, v_ref, key_block=key_block,
+                             pl.program_id(2) * chunk, chunk, heads, seg_ref, kr_ref, v_ref, key_block=key_block,
                              window=window, scale=scale)
     _store_rows(dqr_ref, blk, dqr, heads)
 
@@ -748,21 +722,20 @@ def _state_backward_kernel(q_ref, do_ref, a_ref, p_ref, ks_ref, vs_ref, log_gate
                                               p_ref, rows)
 
 
-def _window_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, seg_ref, pos_ref, freq_ref, kr_ref, v_ref, dkr_ref,
-                            dv_ref, *, key_block, query_block, window, scale, rope_half):
+def _window_backward_kernel(qr_ref, do_ref, lse_ref, delta_ref, seg_ref, kr_ref, v_ref, dkr_ref, dv_ref, *,
+                            key_block, query_block, window, scale):
     """Window dk and dv for one (batch, block of S query heads of one GQA group, block of keys), parallel over key
     blocks (no atomics).
 
-    q [Tp, S, dk], do [Tp, S, dv], lse, delta [Tp, S] these heads' queries (rotated here: `_rotated`, with pos [Tp]
-    and freq [dk]), output gradients and row statistics; seg [Tp] window run ids; kr [K, dk], v [K, dv] this
-    block's keys and values. Walks the query blocks that can see the keys (t in [j, j + W)), the S heads' queries
-    stacked as in the output kernels. Outputs dkr [K, dk], dv [K, dv] in the inputs' dtype, summed over the S heads
-    (in float32).
+    qr [Tp, S, dk], do [Tp, S, dv], lse, delta [Tp, S] these heads' rotated queries, output gradients and row
+    statistics; seg [Tp] window run ids; kr [K, dk], v [K, dv] this block's keys and values. Walks the query blocks
+    that can see the keys (t in [j, j + W)), the S heads' queries stacked as in the output kernels. Outputs dkr
+    [K, dk], dv [K, dv] in the inputs' dtype, summed over the S heads (in float32).
     """
-    heads = _heads_of(q_ref)
+    heads = _heads_of(qr_ref)
     kb = pl.program_id(2)
     j0 = kb * key_block
-    t_pad = q_ref.shape[0]
+    t_pad = qr_ref.shape[0]
     j_idx = j0 + jnp.arange(key_block)
     column_token = jnp.arange(query_block * heads) // heads
     seg_k = seg_ref[pl.ds(j0, key_block)]
@@ -775,8 +748,7 @@ def _window_backward_kernel(q_ref, do_ref, lse_ref, delta_ref, seg_ref, pos_ref,
         t_idx = qb * query_block + column_token
         visible = ((t_idx[None, :] >= j_idx[:, None]) & (t_idx[None, :] < j_idx[:, None] + window)
                    & (_per_row(seg_ref[rows], heads)[None, :] == seg_k[:, None]))  # [key, stacked query]
-        qr = _rotated(_load_rows(q_ref, rows, heads), pos_ref[rows], freq_ref, rope_half, heads)
-        d_out = _load_rows(do_ref, rows, heads)
+        qr, d_out = _load_rows(qr_ref, rows, heads), _load_rows(do_ref, rows, heads)
         s = jnp.where(visible, _dot(keys, qr, trans_b=True) * scale, _MASK_VALUE)
         p = jnp.where(visible, jnp.exp(s - _load_rows(lse_ref, rows, heads)[None, :]), 0.0)
         ds = p * (_dot(values, d_out, trans_b=True) - _load_rows(delta_ref, rows, heads)[None, :])
@@ -854,7 +826,7 @@ class _ChunkSpecs:
     def __init__(self, t_pad: int, chunk: int, group: int, heads: int):
         self.t_pad, self.chunk, self.heads = t_pad, chunk, heads
         self.kv_head = lambda h: h * heads // group
-        self.runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))  # also the RoPE positions
+        self.runs = pl.BlockSpec((None, t_pad), lambda b, h, c: (b, 0))
         self.row_stats = pl.BlockSpec((None, chunk, _head_block(heads)), lambda b, h, c: (b, c, h))
 
     def query_chunk(self, width):
@@ -874,11 +846,6 @@ class _ChunkSpecs:
 
     def program_state(self, *shape):
         return pl.BlockSpec((None, None, None, *shape), lambda b, h, c: (b, c, h, 0, 0))
-
-
-def _whole(*shape):
-    """The BlockSpec of a small array every program reads whole (the RoPE frequencies)."""
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 def _output_grid(q, ks, chunk, config):
@@ -918,19 +885,19 @@ def _launch_output_kernel(body, name, inputs, in_specs, out_specs, out_shape, *,
     return first if num_slots == 0 else launch("fallback", first)
 
 
-def _outputs(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, *,
-             window, num_slots, rope_half, scale, chunk, config, interpret):
+def _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, *,
+             window, num_slots, scale, chunk, config, interpret):
     """Launches _output_kernel over (B, H / S, T/C): o [B, Tp, H, dv] in q.dtype and lse [B, Tp, H] float32."""
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], log_gates.shape[3]
     sub, _, specs, grid = _output_grid(q, ks, chunk, config)
     return _launch_output_kernel(
         functools.partial(_output_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, rope_half=rope_half),
-        "nha_output", (q, ks, vs, log_gates, hk, hv, kr, v, seg, run, pos, freqs),
-        in_specs=[specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
+                          window=window, num_slots=num_slots, scale=scale),
+        "nha_output", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run),
+        in_specs=[specs.query_chunk(dk), specs.query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv),
                   specs.kv_chunk(m), specs.chunk_state(dk, m), specs.chunk_state(m, dv),
-                  specs.kv_all(dk), specs.kv_all(dv), specs.runs, specs.runs, specs.runs, _whole(dk)],
+                  specs.kv_all(dk), specs.kv_all(dv), specs.runs, specs.runs],
         out_specs=[specs.query_chunk(dv), specs.row_stats],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads, dv), q.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, heads), jnp.float32)],
@@ -938,18 +905,17 @@ def _outputs(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, *,
         warps=config.output_warps, stages=config.output_stages, interpret=interpret)
 
 
-def _output_backward(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, d_out, lse, out, *,
-                     window, num_slots, rope_half, scale, chunk, config, interpret, chunk_state_grads=False):
+def _output_backward(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, out, *,
+                     window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """Launches _output_backward_kernel over (B, H / S, T/C). d_out, out [B, Tp, H, dv] (q.dtype), lse [B, Tp, H].
 
     Returns (dq, dks, dvs, dlog_gates, state_k, state_v, delta, dqr): per query head, float32 delta [B, Tp, H]
-    (sum(d_out * out) per row) and, in q.dtype (the custom_vjp rounds them to it anyway), dq [B, Tp, H, dk]; per
-    program (summed over its S query heads; the launcher sums the rest of each GQA group): dks [B, Tp, H / S, dk],
-    dvs [B, Tp, H / S, dv] in q.dtype, dlog_gates [B, Tp, H / S, m] float32 (`_log_gate_grad`); the state's share
-    (see the kernel): a, p [B, Tp, H, m] in q.dtype (the state backward's dot operands), or with chunk_state_grads
-    the gradients of the states entering each chunk per program, dhk [B, nC, H / S, dk, m] and dhv
-    [B, nC, H / S, m, dv] in hk.dtype; and the window dq [B, Tp, H, dk] with respect to the rotated queries in
-    q.dtype, None when W = 0 or config.separate_window_dq (`_window_dq` then).
+    (sum(d_out * out) per row) and, in q.dtype (the custom_vjp rounds them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
+    each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dlog_gates [B, Tp, H / S, m]
+    float32 (`_log_gate_grad`); the state's share (see the kernel): a, p [B, Tp, H, m] in
+    q.dtype (the state backward's dot operands), or with chunk_state_grads the gradients of the states entering each
+    chunk per program, dhk [B, nC, H / S, dk, m] and dhv [B, nC, H / S, m, dv] in hk.dtype; and the window dq
+    [B, Tp, H, dk] in q.dtype, None when W = 0 or config.separate_window_dq (`_window_dq` then).
     """
     batch, t_pad, heads, dk = q.shape
     dv, m = vs.shape[3], log_gates.shape[3]
@@ -971,13 +937,12 @@ def _output_backward(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, 
     window_specs, window_shapes = ([query_chunk(dk)], [per_head(dk)]) if window_here else ([], [])
     grads = _launch_output_kernel(
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
-                          window=window, num_slots=num_slots, scale=scale, rope_half=rope_half,
-                          chunk_state_grads=chunk_state_grads,
+                          window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads,
                           passes=math.gcd(config.backward_head_passes, per_program)),
-        "nha_output_backward", (q, ks, vs, log_gates, hk, hv, kr, v, seg, run, pos, freqs, d_out, lse, out),
-        in_specs=[query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
-                  specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk), specs.kv_all(dv),
-                  specs.runs, specs.runs, specs.runs, _whole(dk), query_chunk(dv), specs.row_stats, query_chunk(dv)],
+        "nha_output_backward", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run, d_out, lse, out),
+        in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
+                  specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
+                  specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, query_chunk(dv)],
         out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), *state_specs,
                    specs.row_stats, *window_specs],
         out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
@@ -988,23 +953,22 @@ def _output_backward(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, 
     return (*grads[:7], grads[7] if window_here else None)
 
 
-def _window_dq(q, kr, v, d_out, lse, delta, seg, pos, freqs, *, window, rope_half, scale, chunk, config, interpret):
-    """Launches _window_dq_kernel over the output kernels' grid: dqr [B, Tp, H, dk] in q.dtype (with respect to the
-    rotated queries)."""
-    _, _, specs, grid = _output_grid(q, kr, chunk, config)
-    dk, dv = q.shape[3], v.shape[3]
+def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
+    """Launches _window_dq_kernel over the output kernels' grid: dqr [B, Tp, H, dk] in qr.dtype."""
+    _, _, specs, grid = _output_grid(qr, kr, chunk, config)
+    dk, dv = qr.shape[3], v.shape[3]
     return pl.pallas_call(
         functools.partial(_window_dq_kernel, chunk=chunk, key_block=min(config.key_block, chunk), window=window,
-                          scale=scale, rope_half=rope_half),
+                          scale=scale),
         grid=grid,
         in_specs=[specs.query_chunk(dk), specs.query_chunk(dv), specs.row_stats, specs.row_stats, specs.runs,
-                  specs.runs, _whole(dk), specs.kv_all(dk), specs.kv_all(dv)],
+                  specs.kv_all(dk), specs.kv_all(dv)],
         out_specs=specs.query_chunk(dk),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
         compiler_params=_window_compiler_params(config),
         interpret=interpret,
         name="nha_window_dq",
-    )(q, d_out, lse, delta, seg, pos, freqs, kr, v)
+    )(qr, d_out, lse, delta, seg, kr, v)
 
 
 def _heads_per_state_program(group: int, kv_programs: int, config) -> int:
@@ -1108,12 +1072,11 @@ def _state_backward(q, d_out, a, p, ks, vs, log_gates, run, hk, hv, dhk_last, dh
     return dks, dvs, dlog_gates, dhk0, dhv0
 
 
-def _window_backward(q, kr, v, d_out, lse, delta, seg, pos, freqs, *, window, rope_half, scale, chunk, config,
-                     interpret):
+def _window_backward(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
     """Launches _window_backward_kernel over (B, H / S, Tp / key block), S query heads of one GQA group per program
     (as the output kernels stack them): dkr [B, Tp, H / S, dk], dv [B, Tp, H / S, dv] in kr.dtype (the launcher sums
     the rest of each GQA group)."""
-    batch, t_pad, heads, dk = q.shape
+    batch, t_pad, heads, dk = qr.shape
     kv_heads, dv = kr.shape[2], v.shape[3]
     group = heads // kv_heads
     block = min(config.key_block, chunk)
@@ -1129,25 +1092,22 @@ def _window_backward(q, kr, v, d_out, lse, delta, seg, pos, freqs, *, window, ro
     def out_block(width):
         return pl.BlockSpec((None, block, None, width), lambda b, h, kb: (b, kb, h, 0))
 
-    per_token = pl.BlockSpec((None, t_pad), lambda b, h, kb: (b, 0))
-
     return pl.pallas_call(
-        functools.partial(_window_backward_kernel, key_block=block, query_block=block, window=window, scale=scale,
-                          rope_half=rope_half),
+        functools.partial(_window_backward_kernel, key_block=block, query_block=block, window=window, scale=scale),
         grid=(batch, heads // per_program, t_pad // block),
-        in_specs=[heads_all(dk), heads_all(dv), heads_all(), heads_all(), per_token, per_token, _whole(dk),
-                  kv_block(dk), kv_block(dv)],
+        in_specs=[heads_all(dk), heads_all(dv), heads_all(), heads_all(),
+                  pl.BlockSpec((None, t_pad), lambda b, h, kb: (b, 0)), kv_block(dk), kv_block(dv)],
         out_specs=[out_block(dk), out_block(dv)],
         out_shape=[jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dk), kr.dtype),
                    jax.ShapeDtypeStruct((batch, t_pad, heads // per_program, dv), kr.dtype)],
         compiler_params=_window_compiler_params(config),
         interpret=interpret,
         name="nha_window_backward",
-    )(q, d_out, lse, delta, seg, pos, freqs, kr, v)
+    )(qr, d_out, lse, delta, seg, kr, v)
 
 
-def _forward(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs, *,
-             window, num_slots, rope_half, scale, chunk, interpret, config):
+def _forward(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, *,
+             window, num_slots, scale, chunk, interpret, config):
     """Forward of the core problem (shapes in `_core`). Returns (o, lse [B, Tp, H], hk [B, nC, Hkv, dk, m],
     hv [B, nC, Hkv, m, dv] the states entering each chunk, hk_final, hv_final).
 
@@ -1155,9 +1115,8 @@ def _forward(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs, *,
     """
     hk, hv, hk_final, hv_final = _slot_states(ks, vs, log_gates, hk0, hv0, run, chunk=chunk, config=config,
                                               interpret=interpret)
-    out, lse = _outputs(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, window=window,
-                        num_slots=num_slots, rope_half=rope_half, scale=scale, chunk=chunk, config=config,
-                        interpret=interpret)
+    out, lse = _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window=window, num_slots=num_slots,
+                        scale=scale, chunk=chunk, config=config, interpret=interpret)
     return out, lse, hk, hv, hk_final, hv_final
 
 
@@ -1430,32 +1389,32 @@ def _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, *, chunk, state_dtyp
     return hk, hv, hk_final, hv_final
 
 
-def _output_side_grads(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, out, lse, d_out, *,
-                       window, num_slots, rope_half, scale, chunk, config, interpret, chunk_state_grads=False):
+def _output_side_grads(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, *,
+                       window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
     """The backward kernels both custom_vjps share: the output backward, the window dq (inside it, or
     `_window_dq`) and the window backward.
 
-    Returns d_out in q.dtype; (dq, dks, dvs, dlog_gates, and a, p or with chunk_state_grads dhk, dhv) as
-    `_output_backward` gives them, but with dq float32, both branches' (the window's taken back through the
-    kernels' RoPE by XLA: `rope.rope_transpose`); and the window's dkr [B, Tp, N, dk], dv [B, Tp, N, dv] in kr.dtype
-    (N a multiple of Hkv: `_group_sum` finishes them; zeros when W = 0).
+    Returns d_out in q.dtype; (dq, dqr, dks, dvs, dlog_gates, and a, p or with chunk_state_grads dhk, dhv) as
+    `_output_backward` gives them, with dqr [B, Tp, H, dk] in qr.dtype (zeros when W = 0); and the window's dkr
+    [B, Tp, N, dk], dv [B, Tp, N, dv] in kr.dtype (N a multiple of Hkv: `_group_sum` finishes them; zeros when
+    W = 0).
     """
     d_out = d_out.astype(q.dtype)
     dq, dks, dvs, dlog_gates, state_k, state_v, delta, dqr = _output_backward(
-        q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, d_out, lse, out, window=window,
-        num_slots=num_slots, rope_half=rope_half, scale=scale, chunk=chunk, config=config, interpret=interpret,
-        chunk_state_grads=chunk_state_grads)
-    dq = dq.astype(jnp.float32)
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, out, window=window, num_slots=num_slots,
+        scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=chunk_state_grads)
+    if window == 0:
+        dqr = jnp.zeros(qr.shape, qr.dtype)
+    elif dqr is None:
+        dqr = _window_dq(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk, config=config,
+                         interpret=interpret)
+    output_grads = (dq, dqr, dks, dvs, dlog_gates, state_k, state_v)
     if window > 0:
-        if dqr is None:
-            dqr = _window_dq(q, kr, v, d_out, lse, delta, seg, pos, freqs, window=window, rope_half=rope_half,
-                             scale=scale, chunk=chunk, config=config, interpret=interpret)
-        dq += rope_transpose(dqr, pos, freqs, rope_half) if rope_half else dqr.astype(jnp.float32)
-        dkr, dv = _window_backward(q, kr, v, d_out, lse, delta, seg, pos, freqs, window=window, rope_half=rope_half,
-                                   scale=scale, chunk=chunk, config=config, interpret=interpret)
+        dkr, dv = _window_backward(qr, kr, v, d_out, lse, delta, seg, window=window, scale=scale, chunk=chunk,
+                                   config=config, interpret=interpret)
     else:
         dkr, dv = jnp.zeros(kr.shape, kr.dtype), jnp.zeros(v.shape, kr.dtype)
-    return d_out, (dq, dks, dvs, dlog_gates, state_k, state_v), dkr, dv
+    return d_out, output_grads, dkr, dv
 
 
 def _group_sum(x, kv_heads):
@@ -1467,40 +1426,38 @@ def _group_sum(x, kv_heads):
     return x.reshape(x.shape[:2] + (kv_heads, owners // kv_heads) + x.shape[3:]).sum(axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17, 18))
-def _core(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs, window, num_slots, rope_half, scale, chunk,
-          interpret, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16))
+def _core(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret, config):
     """The core problem prepared by `_prepare`, differentiable in its float inputs, with the sequential slot-state
     kernels (`_slot_states` forward, `_state_backward` for its gradient).
 
-    q [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; log_gates [B, Tp, Hkv, m] float32
-    (`_local_gates`); hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run, pos [B, Tp] int32 (pos: RoPE
-    positions); freqs [dk] float32 and rope_half, the window branch's query rotation (`_rotated`). Tp is a multiple
-    of `chunk`. config: the tuning.TritonConfig. Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m],
+    q, qr [B, Tp, H, dk]; kr, ks [B, Tp, Hkv, dk]; v, vs [B, Tp, Hkv, dv]; log_gates [B, Tp, Hkv, m] float32
+    (`_local_gates`); hk0 [B, Hkv, dk, m], hv0 [B, Hkv, m, dv] float32; seg, run [B, Tp] int32. Tp is a multiple of
+    `chunk`. config: the tuning.TritonConfig. Returns o [B, Tp, H, dv] (q.dtype), hk_final [B, Hkv, dk, m],
     hv_final [B, Hkv, m, dv] (float32).
     """
-    return _core_fwd(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs, window, num_slots, rope_half,
-                     scale, chunk, interpret, config)[0]
+    return _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk,
+                     interpret, config)[0]
 
 
-def _core_fwd(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs, window, num_slots, rope_half, scale,
-              chunk, interpret, config):
-    out, lse, hk, hv, hk_final, hv_final = _forward(q, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs,
-                                                    window=window, num_slots=num_slots, rope_half=rope_half,
-                                                    scale=scale, chunk=chunk, interpret=interpret, config=config)
+def _core_fwd(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run, window, num_slots, scale, chunk, interpret,
+              config):
+    out, lse, hk, hv, hk_final, hv_final = _forward(q, qr, kr, v, ks, vs, log_gates, hk0, hv0, seg, run,
+                                                    window=window, num_slots=num_slots, scale=scale, chunk=chunk,
+                                                    interpret=interpret, config=config)
     out, lse, hk, hv = name_residuals(out, lse, hk, hv)
-    return (out, hk_final, hv_final), (q, kr, v, ks, vs, log_gates, seg, run, pos, freqs, out, lse, hk, hv)
+    return (out, hk_final, hv_final), (q, qr, kr, v, ks, vs, log_gates, seg, run, out, lse, hk, hv)
 
 
-def _core_bwd(window, num_slots, rope_half, scale, chunk, interpret, config, residuals, cotangents):
-    q, kr, v, ks, vs, log_gates, seg, run, pos, freqs, out, lse, hk, hv = residuals
+def _core_bwd(window, num_slots, scale, chunk, interpret, config, residuals, cotangents):
+    q, qr, kr, v, ks, vs, log_gates, seg, run, out, lse, hk, hv = residuals
     d_out, dhk_final, dhv_final = cotangents
     batch, _, heads, _ = q.shape
     kv_heads = ks.shape[2]
     group = heads // kv_heads
-    d_out, (dq, dks, dvs, dlog_gates, a, p), dkr, dv = _output_side_grads(
-        q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, out, lse, d_out, window=window,
-        num_slots=num_slots, rope_half=rope_half, scale=scale, chunk=chunk, config=config, interpret=interpret)
+    d_out, (dq, dqr, dks, dvs, dlog_gates, a, p), dkr, dv = _output_side_grads(
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, window=window,
+        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret)
 
     splits = _state_splits(q.shape[3], v.shape[3], config)
     # Whether the state backward's programs own kv heads (else query heads).
@@ -1524,19 +1481,19 @@ def _core_bwd(window, num_slots, rope_half, scale, chunk, interpret, config, res
         return x if per_kv_head else x.reshape((batch, kv_heads, group) + x.shape[2:]).sum(axis=2)
 
     group_sum = functools.partial(_group_sum, kv_heads=kv_heads)
-    return (dq.astype(q.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
+    return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             (group_sum(dks) + owners_to_kv(dks_state)).astype(ks.dtype),
             (group_sum(dvs) + owners_to_kv(dvs_state)).astype(vs.dtype),
             group_sum(dlog_gates) + owners_to_kv(dlog_gates_state),
-            owner_states_to_kv(dhk0), owner_states_to_kv(dhv0), None, None, None, jnp.zeros_like(freqs))
+            owner_states_to_kv(dhk0), owner_states_to_kv(dhv0), None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15, 16, 17, 18))
-def _core_given_states(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, window, num_slots, rope_half, scale,
-                       chunk, interpret, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14, 15, 16))
+def _core_given_states(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
+                       interpret, config):
     """The core problem with the states entering each chunk given (by `_scanned_chunk_states`): the output kernel,
     and as its gradient the output and window backward kernels plus the gradient of each chunk's entering state.
 
@@ -1544,32 +1501,30 @@ def _core_given_states(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs
     sub-block per chunk (the output backward's per-row state factors then refer to the chunk's entering state).
     Returns o [B, Tp, H, dv] in q.dtype.
     """
-    return _core_given_states_fwd(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, window, num_slots,
-                                  rope_half, scale, chunk, interpret, config)[0]
+    return _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale,
+                                  chunk, interpret, config)[0]
 
 
-def _core_given_states_fwd(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, window, num_slots, rope_half,
-                           scale, chunk, interpret, config):
-    out, lse = _outputs(q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, window=window,
-                        num_slots=num_slots, rope_half=rope_half, scale=scale, chunk=chunk, config=config,
-                        interpret=interpret)
+def _core_given_states_fwd(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window, num_slots, scale, chunk,
+                           interpret, config):
+    out, lse = _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, window=window, num_slots=num_slots,
+                        scale=scale, chunk=chunk, config=config, interpret=interpret)
     out, lse, hk, hv = name_residuals(out, lse, hk, hv)
-    return out, (q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, out, lse)
+    return out, (q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse)
 
 
-def _core_given_states_bwd(window, num_slots, rope_half, scale, chunk, interpret, config, residuals, d_out):
-    q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, out, lse = residuals
+def _core_given_states_bwd(window, num_slots, scale, chunk, interpret, config, residuals, d_out):
+    q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse = residuals
     # The gradient of the state entering a chunk (its rows' q^T a and p^T do) comes from the output backward per
     # program, summed here over the rest of each GQA group.
-    d_out, (dq, dks, dvs, dlog_gates, dhk, dhv), dkr, dv = _output_side_grads(
-        q, kr, v, ks, vs, log_gates, hk, hv, seg, run, pos, freqs, out, lse, d_out, window=window,
-        num_slots=num_slots, rope_half=rope_half, scale=scale, chunk=chunk, config=config, interpret=interpret,
-        chunk_state_grads=True)
+    d_out, (dq, dqr, dks, dvs, dlog_gates, dhk, dhv), dkr, dv = _output_side_grads(
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, lse, d_out, window=window,
+        num_slots=num_slots, scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=True)
     group_sum = functools.partial(_group_sum, kv_heads=ks.shape[2])
     state_sum = lambda x: x if x.shape[2] == ks.shape[2] else group_sum(x).astype(x.dtype)
-    return (dq.astype(q.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
+    return (dq.astype(q.dtype), dqr.astype(qr.dtype), group_sum(dkr).astype(kr.dtype), group_sum(dv).astype(v.dtype),
             group_sum(dks).astype(ks.dtype), group_sum(dvs).astype(vs.dtype), group_sum(dlog_gates),
-            state_sum(dhk), state_sum(dhv), None, None, None, jnp.zeros_like(freqs))
+            state_sum(dhk), state_sum(dhv), None, None)
 
 
 _core_given_states.defvjp(_core_given_states_fwd, _core_given_states_bwd)
@@ -1638,8 +1593,7 @@ def _xla_gates_and_writes(log_gates, chunk, written):
 
 def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, window, rope_theta, block_size):
     """XLA preparation of the core problem (see the module docstring) in chunks of block_size tokens (a power of two
-    >= 16). Returns (core_args, chunk, rope_half): rope_half = dk / 2 for the kernels' query rotation, 0 without
-    RoPE."""
+    >= 16). Returns (core_args, chunk)."""
     batch, seq, heads, dk = q.shape
     kv_heads, dv, m = k.shape[2], v.shape[3], log_alpha.shape[3]
     if segment_ids is None:
@@ -1658,9 +1612,8 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     seg = _pad_axis(segment_ids.astype(jnp.int32), 1, t_pad, mode="edge")
     pos = _pad_axis(positions.astype(jnp.int32), 1, t_pad, mode="edge")
     q_p, k_p, v_p = (_pad_axis(x, 1, t_pad) for x in (q, k, v))
-    # The keys' rotated copy is made here (a kv head's keys are read by many programs); the queries are rotated
-    # inside the kernels (`_rotated`).
-    kr = k_p if rope_theta is None else rope(k_p, pos, rope_theta).astype(k_p.dtype)
+    qr, kr = (q_p, k_p) if rope_theta is None else (rope(q_p, pos, rope_theta).astype(q_p.dtype),
+                                                            rope(k_p, pos, rope_theta).astype(k_p.dtype))
     # Slot inputs shifted by W: position p carries token p - W, written only inside one real run.
     t_idx = jnp.arange(t_pad)
     seg_src = jnp.pad(seg, [(0, 0), (window, 0)], constant_values=-1)[:, :t_pad]
@@ -1677,14 +1630,14 @@ def _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, *, wi
     hk0 = jnp.zeros((batch, kv_heads, dk, m), jnp.float32) if slot_k0 is None else jnp.swapaxes(slot_k0, 2, 3)
     hv0 = jnp.zeros((batch, kv_heads, m, dv), jnp.float32) if slot_v0 is None else slot_v0
     pad_dim = lambda x, size: _pad_axis(x, x.ndim - 1, size)
-    q_p, kr, ks = (pad_dim(x, dk_pad) for x in (q_p, kr, ks))
+    q_p, qr, kr, ks = (pad_dim(x, dk_pad) for x in (q_p, qr, kr, ks))
     v_p, vs = pad_dim(v_p, dv_pad), pad_dim(vs, dv_pad)
     log_gates = pad_dim(log_gates, m_pad)
     hk0 = pad_dim(_pad_axis(hk0.astype(jnp.float32), 2, dk_pad), m_pad)
     hv0 = pad_dim(_pad_axis(hv0.astype(jnp.float32), 2, m_pad), dv_pad)
 
-    core_args = (q_p, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run, pos, rope_frequencies(rope_theta, dk, dk_pad))
-    return core_args, chunk, 0 if rope_theta is None else dk // 2
+    core_args = (q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run)
+    return core_args, chunk
 
 
 def table_config(batch: int, kv_heads: int, dk: int, dv: int, m: int):
@@ -1713,17 +1666,16 @@ def nha_attention_triton(q, k, v, log_alpha, segment_ids, positions, slot_k0=Non
     _validate(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window, rope_theta)
     seq, dv, m, dk = q.shape[1], v.shape[3], log_alpha.shape[3], q.shape[3]
     config = config or table_config(k.shape[0], k.shape[2], dk, dv, m)
-    core_args, chunk, rope_half = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0,
-                                           window=window, rope_theta=rope_theta, block_size=block_size or config.chunk)
-    statics = (window, m, rope_half, float(scale), chunk, bool(interpret), config)
+    core_args, chunk = _prepare(q, k, v, log_alpha, segment_ids, positions, slot_k0, slot_v0, window=window,
+                                rope_theta=rope_theta, block_size=block_size or config.chunk)
+    statics = (window, m, float(scale), chunk, bool(interpret), config)
     if config.scan_states and min(config.sub_block, chunk) == chunk:
-        q_p, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run, pos, freqs = core_args
+        q_p, qr, kr, v_p, ks, vs, log_gates, hk0, hv0, seg, run = core_args
         state_dtype = ks.dtype if config.input_dtype_states else jnp.float32
         hk_chunks, hv_chunks, hk, hv = _scanned_chunk_states(ks, vs, log_gates, hk0, hv0, run, chunk=chunk,
                                                              state_dtype=state_dtype, config=config,
                                                              interpret=interpret, written=window < seq)
-        out = _core_given_states(q_p, kr, v_p, ks, vs, log_gates, hk_chunks, hv_chunks, seg, run, pos, freqs,
-                                 *statics)
+        out = _core_given_states(q_p, qr, kr, v_p, ks, vs, log_gates, hk_chunks, hv_chunks, seg, run, *statics)
     else:
         out, hk, hv = _core(*core_args, *statics)
     out = out[:, :seq, :, :dv]

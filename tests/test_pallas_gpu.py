@@ -61,8 +61,8 @@ CASES = {
     # Gates 20x stronger from T/2: sub-blocks on both sides of _FACTORED_SPAN (checked in the test).
     "w_lt_subblock_gqa_segments_odd_t_dk_ne_dv_strong_gates": (2, 37, 4, 2, 32, 16, 8, 5, (11, 30), 32, 20.0),
     # Documents long against W and the chunk: slot states (and their gradients, summed over the GQA group of 2)
-    # cross several chunks. dk = 24, padded to 32: RoPE turns the real columns in halves of 12 and leaves the padding.
-    "gqa_state_crosses_chunks_dk24": (1, 50, 4, 2, 24, 16, 8, 3, (23,), 16, 1.0),
+    # cross several chunks.
+    "gqa_state_crosses_chunks": (1, 50, 4, 2, 16, 16, 8, 3, (23,), 16, 1.0),
     # A GQA group of 3 (not a power of two): the state backward runs per query head, XLA sums the group. dk = dv
     # = 32: the sequential state-gradient kernel splits dk and dv in two (the test's state_splits).
     "w_gt_chunk_segments_group3": (1, 45, 3, 1, 32, 32, 16, 24, (20,), 16, 1.0),
@@ -76,9 +76,9 @@ CASES = {
 def _subblock_spans(q, k, v, log_alpha, runs, positions, window, block_size, sub=16):
     """The span of each (batch, sub-block of `sub` rows, kv head), max over slots of -G_last (the decay across the
     sub-block), from the kernels' own log gates, and those log gates [B, Tp, Hkv, m]."""
-    core_args, _, _ = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
+    core_args, _ = _prepare(q, k, v, log_alpha, runs, positions, None, None, window=window, rope_theta=ROPE,
                             block_size=block_size)
-    log_gates = core_args[5]
+    log_gates = core_args[6]
     batch, t_pad, kv_heads, m = log_gates.shape
     last = jnp.cumsum(log_gates.reshape(batch, t_pad // sub, sub, kv_heads, m), axis=2)[:, :, -1]
     return jnp.max(-last, axis=-1), log_gates
