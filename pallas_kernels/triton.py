@@ -462,18 +462,17 @@ def _output_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref,
 
 
 def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref, hv_ref, kr_ref, v_ref,
-                            seg_ref, run_ref, do_ref, lse_ref, o_ref,
-                            dq_ref, dks_ref, dvs_ref, dlog_gates_ref, state_k_ref, state_v_ref, delta_ref, *dqr_ref,
+                            seg_ref, run_ref, do_ref, lse_ref, delta_ref,
+                            dq_ref, dks_ref, dvs_ref, dlog_gates_ref, state_k_ref, state_v_ref, *dqr_ref,
                             chunk, sub, key_block, window, num_slots, scale, chunk_index, pair_cls,
                             chunk_state_grads, passes):
     """Backward of `_output_kernel` for one (batch, block of S query heads, chunk), all but the slot-state recurrence.
 
     Inputs as `_output_kernel`, plus do [C, S, dv] the output gradient, lse [C, S] the forward's row log-sum-exp
-    and o [C, S, dv] its output. The softmax is recomputed from lse; the chunk is walked in the forward's sub-blocks
-    (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head: float32
-    delta [C, S] = sum(do * o) per row (for the window kernels after this one: reading o here instead of a
-    reduction of its own saves XLA a pass over do and o), and in the inputs' dtype dq [C, S, dk] (slot branch),
-    and when the launcher passes a dqr ref [C, S, dk] the window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
+    and delta [C, S] = sum(do * o) per row. The softmax is recomputed from lse; the chunk is walked in the forward's
+    sub-blocks (same state carry, same non-positive gate exponents, same stacked rows). Outputs per query head
+    (in the inputs' dtype): dq [C, S, dk] (slot branch), and when the launcher passes a dqr ref [C, S, dk] the
+    window branch's (else `_window_dq_kernel` gives it). Summed over the S heads: dks [C, dk], dvs [C, dv] (inputs'
     dtype) and float32 dlog_gates [C, m], the gradient of the rows' log gates (`_log_gate_grad`) through the pairs
     inside each sub-block and the decay of the state entering it. The state's share, by the per-row factors
     a = scale * dlogits * inter and p = probs * inter (dH^k = q^T a, dH^v = p^T do for the state entering each
@@ -509,9 +508,7 @@ def _output_backward_kernel(q_ref, qr_ref, ks_ref, vs_ref, log_gates_ref, hk_ref
             """The gradients of part `part` of the heads: stores their dq (and factors), returns their sums."""
             load = lambda ref: _load_rows(ref, blk, heads, part, passes)
             store = lambda ref, x: _store_rows(ref, blk, x, heads, part, passes)
-            q, d_out, lse = load(q_ref), load(do_ref), load(lse_ref)
-            delta = jnp.sum(d_out.astype(jnp.float32) * load(o_ref).astype(jnp.float32), axis=1)
-            store(delta_ref, delta)
+            q, d_out, lse, delta = load(q_ref), load(do_ref), load(lse_ref), load(delta_ref)
 
             # Recompute the slot logits and probabilities exactly as the forward did.
             inter = _per_row(inter_rows, per_pass)
@@ -905,12 +902,13 @@ def _outputs(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, *,
         warps=config.output_warps, stages=config.output_stages, interpret=interpret)
 
 
-def _output_backward(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, out, *,
+def _output_backward(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, delta, *,
                      window, num_slots, scale, chunk, config, interpret, chunk_state_grads=False):
-    """Launches _output_backward_kernel over (B, H / S, T/C). d_out, out [B, Tp, H, dv] (q.dtype), lse [B, Tp, H].
+    """Launches _output_backward_kernel over (B, H / S, T/C). d_out [B, Tp, H, dv] (q.dtype), lse, delta
+    [B, Tp, H].
 
-    Returns (dq, dks, dvs, dlog_gates, state_k, state_v, delta, dqr): per query head, float32 delta [B, Tp, H]
-    (sum(d_out * out) per row) and, in q.dtype (the custom_vjp rounds them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
+    Returns (dq, dks, dvs, dlog_gates, state_k, state_v, dqr): per query head, in q.dtype (the custom_vjp rounds
+    them to it anyway), dq [B, Tp, H, dk]; per program (summed over its S query heads; the launcher sums the rest of
     each GQA group): dks [B, Tp, H / S, dk], dvs [B, Tp, H / S, dv] in q.dtype, dlog_gates [B, Tp, H / S, m]
     float32 (`_log_gate_grad`); the state's share (see the kernel): a, p [B, Tp, H, m] in
     q.dtype (the state backward's dot operands), or with chunk_state_grads the gradients of the states entering each
@@ -939,18 +937,18 @@ def _output_backward(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, l
         functools.partial(_output_backward_kernel, chunk=chunk, sub=sub, key_block=min(config.key_block, chunk),
                           window=window, num_slots=num_slots, scale=scale, chunk_state_grads=chunk_state_grads,
                           passes=math.gcd(config.backward_head_passes, per_program)),
-        "nha_output_backward", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run, d_out, lse, out),
+        "nha_output_backward", (q, qr, ks, vs, log_gates, hk, hv, kr, v, seg, run, d_out, lse, delta),
         in_specs=[query_chunk(dk), query_chunk(dk), specs.kv_chunk(dk), specs.kv_chunk(dv), specs.kv_chunk(m),
                   specs.chunk_state(dk, m), specs.chunk_state(m, dv), specs.kv_all(dk),
-                  specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, query_chunk(dv)],
+                  specs.kv_all(dv), specs.runs, specs.runs, query_chunk(dv), specs.row_stats, specs.row_stats],
         out_specs=[query_chunk(dk), program_chunk(dk), program_chunk(dv), program_chunk(m), *state_specs,
-                   specs.row_stats, *window_specs],
+                   *window_specs],
         out_shape=[per_head(dk), per_program_out(dk, q.dtype), per_program_out(dv, q.dtype), per_program_out(m),
-                   *state_shapes, jax.ShapeDtypeStruct(lse.shape, jnp.float32), *window_shapes],
+                   *state_shapes, *window_shapes],
         log_gates=log_gates, chunk=chunk, sub=sub, specs=specs, grid=grid, num_slots=num_slots, config=config,
         warps=config.backward_warps, stages=config.backward_stages,
         interpret=interpret)
-    return (*grads[:7], grads[7] if window_here else None)
+    return (*grads[:6], grads[6] if window_here else None)
 
 
 def _window_dq(qr, kr, v, d_out, lse, delta, seg, *, window, scale, chunk, config, interpret):
@@ -1399,9 +1397,10 @@ def _output_side_grads(q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, out, l
     [B, Tp, N, dk], dv [B, Tp, N, dv] in kr.dtype (N a multiple of Hkv: `_group_sum` finishes them; zeros when
     W = 0).
     """
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_out = d_out.astype(q.dtype)
-    dq, dks, dvs, dlog_gates, state_k, state_v, delta, dqr = _output_backward(
-        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, out, window=window, num_slots=num_slots,
+    dq, dks, dvs, dlog_gates, state_k, state_v, dqr = _output_backward(
+        q, qr, kr, v, ks, vs, log_gates, hk, hv, seg, run, d_out, lse, delta, window=window, num_slots=num_slots,
         scale=scale, chunk=chunk, config=config, interpret=interpret, chunk_state_grads=chunk_state_grads)
     if window == 0:
         dqr = jnp.zeros(qr.shape, qr.dtype)
