@@ -57,6 +57,9 @@ sequential over chunks inside a program). Measured on one H100, jax 0.11.2 (benc
 - Session 14 (2026-11-27): the chunk-contribution kernel (scan_contribution_kernel, now the default) against XLA's
   matmuls: NHA-340M's layer 1.531 -> 1.406 ms, dk = 128 at B = 1, T = 32768 8.271 -> 7.340 ms. Chunk 32 with
   32-row sub-blocks at NHA-340M's layer: 1.935 ms (the output backward doubles), not taken.
+- Session 15 (2026-11-27): state_gates_ahead (the slot-state kernel's hand-over one loop step ahead) lost at
+  S2, 0.567 -> 0.739 ms, and was removed; the scan path now also takes B = 2, T = 8192 at dk = 128 (S2: 3.744 ->
+  3.497 ms of device time, `_SCAN_STATE_ELEMENTS`).
 The dk > 128 row is not measured.
 """
 from __future__ import annotations
@@ -155,13 +158,14 @@ _TABLE: tuple[tuple[int, TritonConfig], ...] = (
 _FEW_STATE_PROGRAMS = 64
 _SPLITS_WHEN_FEW = 4
 # Up to this many elements in one chunk's slot states summed over batch and kv heads (B * Hkv * m * (dk + dv)),
-# the scan path (per-chunk contributions in XLA, elementwise scan kernel) beats the sequential state kernels. The
+# the scan path (per-chunk contributions, elementwise scan kernel) beats the sequential state kernels. The
 # kernels' time grows with the number of chunks (one dependent step of small dots per chunk), the scan's with the
-# bytes of the per-chunk float32 contributions it moves. H100, 2026-11-27, fwd+bwd of the whole op: 65536 (B = 2,
-# Hkv = 4, m = 64, dk = dv = 64, T = 8192): scan 2.56 vs 4.00 ms; 262144 (B = 8, same dims, T = 2048): 2.32 vs
-# 2.46 ms; 262144 (B = 1, Hkv = 16, dk = dv = 128, T = 32768): 15.5 vs 16.4 ms; 2097152 (B = 8, Hkv = 16,
-# dk = dv = 128, T = 2048): 9.29 vs 7.60 ms.
-_SCAN_STATE_ELEMENTS = 1 << 18
+# bytes of the per-chunk contributions it moves. H100, 2026-11-27, fwd+bwd of the whole op (session 9, XLA
+# contributions): 65536 (B = 2, Hkv = 4, m = 64, dk = dv = 64, T = 8192): scan 2.56 vs 4.00 ms; 262144 (B = 8, same
+# dims, T = 2048): 2.32 vs 2.46 ms; 262144 (B = 1, Hkv = 16, dk = dv = 128, T = 32768): 15.5 vs 16.4 ms. Session 15
+# (v15, the contribution kernel; device time): 524288 (B = 2, Hkv = 16, dk = dv = 128, T = 8192) scan 3.497 vs
+# 3.744 ms (wall 3.752 vs 4.122); 2097152 (B = 8, same dims, T = 2048) 3.608 vs 3.177 ms.
+_SCAN_STATE_ELEMENTS = 1 << 19
 
 
 def triton_config(head_dim: int, state_programs: int | None = None,
