@@ -2,10 +2,12 @@
 
 Runs a correctness check against the chunked path first, then times forward and forward+backward (bf16) at
 S1 = (B=8, T=2048), S2 = (B=2, T=8192), S3 = (B=1, T=32768), all with H=16, dk=dv=128, m=64, W=64.
-Prints one table (median ms, achieved TFLOP/s and TB/s of the NHA kernels by the counts in NOTES_kernels.md).
+Prints one table (median ms; the NHA kernels' achieved TFLOP/s and TB/s, forward and forward+backward, by the counts
+of `nha_counts`, and their share of the issue's ceilings, PEAK_TFLOPS and PEAK_TBPS).
 First it splits forward and backward into XLA preparation and each kernel, for each --sweep variant.
 Usage: python bench/bench_kernels.py [--shapes S1,S2,S3] [--reps 30] [--skip-check] [--sweep table,chunk64,...|none]
        [--timings no] [--impls pallas_triton,chunked_xla,cudnn_causal,cudnn_swa] [--profile [--top 15]]
+flash_triton / flash_mosaic_gpu (--impls) time JAX's bundled Pallas flash attention (causal) as lowering references.
 pallas_scan / pallas_sequential force the slot states' XLA scan or sequential kernels (TritonConfig.scan_states);
 pallas:<variant> times the whole op with a --sweep variant's changes (e.g. pallas:chunk32_sub32_stack2), which is how
 variants of the XLA-scan path are compared (the breakdown times the sequential kernels only).
@@ -60,6 +62,23 @@ def cudnn_fn(local_window):
     return run
 
 
+def bundled_flash_fn(lowering):
+    """Causal flash attention from JAX's own Pallas ops: "triton" (fwd+bwd) or "mosaic_gpu" (its backward has no
+    causal mask in jax 0.11, so only the forward is timed; float16, the one type its kernel takes): where each Pallas
+    GPU lowering stands against cuDNN."""
+    def run(q, k, v, log_alpha):
+        del log_alpha
+        scale = q.shape[-1] ** -0.5
+        if lowering == "triton":
+            from jax.experimental.pallas.ops.gpu import attention
+            return attention.mha(q, k, v, None, sm_scale=scale, causal=True)
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        q, k, v = ((x * jnp.asarray(s, x.dtype)).astype(jnp.float16) for x, s in ((q, scale), (k, 1), (v, 1)))
+        return attention_mgpu.attention(q, k, v, config)  # its kernel takes float16 only
+    return run
+
+
 def median_ms(fn, args, reps):
     """Median wall time of fn(*args) in ms after two warm-up calls (each call synchronised)."""
     for _ in range(2):
@@ -72,12 +91,21 @@ def median_ms(fn, args, reps):
     return statistics.median(times)
 
 
+# The measured ceilings of one H100 the issue gives for the roofline: bf16 matmul and HBM bandwidth.
+PEAK_TFLOPS, PEAK_TBPS = 660.0, 3.0
+
+
 def nha_counts(batch, seq, window):
-    """(useful FLOPs, minimum HBM bytes) of the NHA forward: slot logits + slot read + window + state updates."""
-    per_token = HEADS * (2 * HEAD_DIM * SLOTS * 2 + 2 * window * HEAD_DIM * 2) + HEADS * 2 * HEAD_DIM * SLOTS * 2
-    flops = batch * seq * per_token
-    bytes_moved = batch * seq * HEADS * (HEAD_DIM * 2 * 4 + SLOTS * 4)  # q, k, v, out bf16 + log_alpha f32
-    return flops, bytes_moved
+    """(useful FLOPs, minimum HBM bytes) of the NHA forward at the --dims sizes (NOTES_kernels.md, "The two
+    numbers"). FLOPs per token: per query head slot logits 2 dk m, slot read 2 m dv, window logits and read
+    2 W (dk + dv); per kv head the slot writes 2 m (dk + dv). Bytes: q, k, v and out once in bf16, log_alpha in
+    float32. Forward+backward counts 3x both (the two gradient products of every forward product, as in 6N =
+    3 x 2N; the inputs, output and output gradient read and the four input gradients written once)."""
+    dk = dv = HEAD_DIM
+    per_token = (HEADS * 2 * (dk * SLOTS + SLOTS * dv + window * (dk + dv))
+                 + KV_HEADS * 2 * SLOTS * (dk + dv))
+    bytes_per_token = 2 * (HEADS * (dk + dv) + KV_HEADS * (dk + dv)) + 4 * KV_HEADS * SLOTS
+    return batch * seq * per_token, batch * seq * bytes_per_token
 
 
 # The check's cases: (dtype, T, W, gate scale). The last: strong decay (log alpha down to about -10) must not
@@ -293,7 +321,8 @@ def main():
         check(key, args.check_states.split(","), [int(i) for i in args.check_rows.split(",")], args.check_variant)
     impls = {"pallas_triton": pallas_fn(WINDOW), "pallas_scan": pallas_fn(WINDOW, scan_states=True),
              "pallas_sequential": pallas_fn(WINDOW, scan_states=False), "chunked_xla": chunked_fn(WINDOW),
-             "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0))}
+             "cudnn_causal": cudnn_fn(None), "cudnn_swa": cudnn_fn((WINDOW - 1, 0)),
+             "flash_triton": bundled_flash_fn("triton"), "flash_mosaic_gpu": bundled_flash_fn("mosaic_gpu")}
     for name in args.impls.split(","):
         variant = name.removeprefix("pallas:")
         if name != variant and variant in SWEEP:
@@ -328,14 +357,17 @@ def main():
             print(f"{shape} {name}: fwd {cells[0]:.3f} ms, fwd+bwd {cells[1]:.3f} ms", flush=True)
             if args.profile:
                 print_kernel_table(f"{shape} {name} fwd+bwd", kernel_table(fwd_bwd, (q, k, v, la), top=args.top))
-    print(f"\n{'shape':5s} {'impl':16s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} {'fwd TB/s':>9s}")
+    print(f"\nNHA useful rates (nha_counts; fwd+bwd = 3x fwd) against {PEAK_TFLOPS:.0f} TFLOP/s and {PEAK_TBPS} TB/s:")
+    print(f"{'shape':5s} {'impl':18s} {'fwd ms':>8s} {'f+b ms':>8s} {'us/tok f+b':>10s} {'fwd TF/s':>9s} "
+          f"{'fwd TB/s':>9s} {'f+b TF/s':>9s} {'f+b TB/s':>9s} {'%FLOP':>6s} {'%HBM':>6s}")
     for shape, name, fwd_ms, fb_ms, flops, bytes_moved in table:
         batch, seq = SHAPES[shape]
         nha = name.startswith("pallas")
-        tflops = flops / fwd_ms / 1e9 if nha else float("nan")
-        tbps = bytes_moved / fwd_ms / 1e9 if nha else float("nan")
-        print(f"{shape:5s} {name:16s} {fwd_ms:8.3f} {fb_ms:8.3f} {fb_ms * 1e3 / (batch * seq):10.4f} "
-              f"{tflops:9.1f} {tbps:9.2f}")
+        rate = lambda count, ms: count / ms / 1e9 if nha else float("nan")
+        fb_tflops, fb_tbps = rate(3 * flops, fb_ms), rate(3 * bytes_moved, fb_ms)
+        print(f"{shape:5s} {name:18s} {fwd_ms:8.3f} {fb_ms:8.3f} {fb_ms * 1e3 / (batch * seq):10.4f} "
+              f"{rate(flops, fwd_ms):9.1f} {rate(bytes_moved, fwd_ms):9.2f} {fb_tflops:9.1f} {fb_tbps:9.2f} "
+              f"{100 * fb_tflops / PEAK_TFLOPS:6.1f} {100 * fb_tbps / PEAK_TBPS:6.1f}")
 
 
 if __name__ == "__main__":
